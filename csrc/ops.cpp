@@ -1,0 +1,53 @@
+// Every schema of the dbsam namespace, declared once. Kernels register per dispatch key next to
+// their sources (ms_deform_attn/cpu.cpp, ms_deform_attn/cuda.cu, ...); fake kernels and autograd
+// are registered from Python (dbsam/ops/*/op.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace dbsam {
+
+// What this binary was built with, so `python -m dbsam.ops` can say why a backend is missing.
+static std::string build_info() {
+  std::string info = "cpu";
+#ifdef DBSAM_WITH_CUDA
+  info += ",cuda";
+#endif
+#ifdef DBSAM_CUDA_ARCHS
+  info += ";archs=" DBSAM_CUDA_ARCHS;
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(dbsam, m) {
+  m.def("build_info() -> str", &build_info);
+
+  // Multi-scale deformable attention. value [N, S, M, D]; spatial_shapes [L, 2] int64 (H, W);
+  // level_start_index [L] int64; sampling_locations [N, Lq, M, L, P, 2] (x, y) normalised;
+  // attention_weights [N, Lq, M, L, P]. Returns [N, Lq, M*D] in value's dtype. Locations and
+  // weights share one dtype: value's, or float32 when value is float16/bfloat16.
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  // Returns (grad_value, grad_sampling_locations, grad_attention_weights). Deterministic when
+  // torch.are_deterministic_algorithms_enabled().
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+
+  // --- channel_attention schemas (owned by csrc/channel_attention/) ---
+  // --- end channel_attention ---
+}
+
+}  // namespace dbsam
+
+// A plain Python module, so that `import dbsam._C` loads the library and runs the registrations
+// above; every entry point is reached through torch.ops.dbsam.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

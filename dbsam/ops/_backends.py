@@ -1,0 +1,102 @@
+"""The dispatch policy of every dbsam op, in one place.
+
+A backend is one implementation of an op: "cuda" (hand-written CUDA kernels), "triton", "cpu"
+(C++ kernels) or "reference" (pure PyTorch, float64-capable, the definition the others are tested
+against). `auto` picks, for the device of the inputs, the first available of
+cuda -> triton -> cpu -> reference. DBSAM_BACKEND=<name> (read at import) or the context manager
+`use_backend(name)` forces one; a forced backend that cannot run on the inputs raises, it never
+silently falls back.
+"""
+import contextlib
+import os
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+AUTO_ORDER = BACKENDS
+
+# Each op registers, per backend, a function `reason(device) -> str` ('' when it can run there).
+_registry: Dict[str, Dict[str, Callable[[torch.device], str]]] = {}
+
+_forced: Optional[str] = None
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+def _from_env() -> Optional[str]:
+    name = os.environ.get("DBSAM_BACKEND", "auto").strip().lower() or "auto"
+    return None if _check_name(name) == "auto" else name
+
+
+_forced = _from_env()
+
+
+def register(op: str, backend: str, reason: Callable[[torch.device], str]) -> None:
+    _registry.setdefault(op, {})[_check_name(backend)] = reason
+
+
+def get_backend() -> str:
+    """The backend currently forced, or 'auto'."""
+    return _forced or "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for every dbsam op ('auto' to go back to automatic choice)."""
+    global _forced
+    _forced = None if _check_name(name) == "auto" else name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`with use_backend("reference"): ...` forces a backend inside the block."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def why_not(op: str, backend: str, device: torch.device) -> str:
+    reason = _registry.get(op, {}).get(backend)
+    if reason is None:
+        return f"{op} has no {backend} backend"
+    return reason(device)
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device` now."""
+    if _forced is not None:
+        reason = why_not(op, _forced, device)
+        if reason:
+            raise RuntimeError(f"dbsam backend {_forced!r} was forced but cannot run {op} on {device}: {reason}")
+        return _forced
+    for name in AUTO_ORDER:
+        if not why_not(op, name, device):
+            return name
+    raise RuntimeError(f"no backend can run {op} on {device}")  # the reference runs everywhere
+
+
+def report(devices: Tuple[str, ...] = ("cpu", "cuda")) -> str:
+    """A table of every op's backends: available or why not, and what auto picks, per device."""
+    lines = []
+    for op in sorted(_registry):
+        for dev in devices:
+            device = torch.device(dev)
+            lines.append(f"{op} on {dev}:")
+            for name in BACKENDS:
+                if name not in _registry[op]:
+                    continue
+                reason = why_not(op, name, device)
+                lines.append(f"  {name:<10} {'available' if not reason else 'unavailable: ' + reason}")
+            try:
+                lines.append(f"  auto -> {resolve(op, device)}")
+            except RuntimeError as exc:
+                lines.append(f"  auto -> none ({exc})")
+    return "\n".join(lines)
