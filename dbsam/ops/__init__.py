@@ -5,10 +5,12 @@
     python -m dbsam.ops                              # what is built, available, and picked
 """
 from ._backends import BACKENDS, get_backend, report, set_backend, use_backend
+from .channel_attention import ChannelAttention
 from .ms_deform_attn import MSDeformAttn, MSDeformAttnFunction, ms_deform_attn, ms_deform_attn_reference
 
 __all__ = [
     "BACKENDS",
+    "ChannelAttention",
     "MSDeformAttn",
     "MSDeformAttnFunction",
     "get_backend",
