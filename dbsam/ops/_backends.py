@@ -3,7 +3,8 @@
 A backend is one implementation of an op: "cuda" (hand-written CUDA kernels), "triton", "cpu"
 (C++ kernels) or "reference" (pure PyTorch, float64-capable, the definition the others are tested
 against). `auto` picks, for the device of the inputs, the first available of
-cuda -> triton -> cpu -> reference. DBSAM_BACKEND=<name> (read at import) or the context manager
+cuda -> triton -> cpu -> reference (Triton only for CUDA tensors: on the CPU it runs under its
+interpreter, a testing tool, never a fast path). DBSAM_BACKEND=<name> (read at import) or the context manager
 `use_backend(name)` forces one; a forced backend that cannot run on the inputs raises, it never
 silently falls back.
 """
@@ -78,6 +79,8 @@ def resolve(op: str, device: torch.device) -> str:
             raise RuntimeError(f"dbsam backend {_forced!r} was forced but cannot run {op} on {device}: {reason}")
         return _forced
     for name in AUTO_ORDER:
+        if name == "triton" and device.type != "cuda":
+            continue
         if not why_not(op, name, device):
             return name
     raise RuntimeError(f"no backend can run {op} on {device}")  # the reference runs everywhere

@@ -1,0 +1,136 @@
+"""ms_deform_attn benchmarks: every available backend at the shapes of kernels.md.
+
+GPU: every shape at N = 1 and 8, fp32 and bf16 (fp32 locations/weights), forward and
+forward+backward; plus torch.compile of the reference and `deformops` (when installed) at N = 8.
+CPU: the DB-SAM one-level shape at full size (N = 1) and the others scaled down, fp32.
+
+Run: pytest benchmarks/ --benchmark-only   (add --benchmark-json=FILE to keep the figures)
+"""
+import functools
+
+import pytest
+import torch
+
+from dbsam.ops import ms_deform_attn, ms_deform_attn_reference
+from dbsam.ops._backends import why_not
+
+from conftest import DEVICE, ON_GPU, report_bandwidth, sync
+
+# name: (Lq, levels, M, D, P)
+SHAPES = {
+    "dbsam_vit_from_conv": (4096, [(64, 64)], 12, 64, 4),
+    "dbsam_conv_from_vit": (4096, [(64, 64)], 12, 64, 4),
+    "dbsam_pyramid": (4096, [(128, 128), (64, 64), (32, 32), (16, 16)], 12, 64, 4),
+    "vitadapter_injector": (4096, [(128, 128), (64, 64), (32, 32)], 12, 64, 4),
+    "vitadapter_extractor": (21504, [(64, 64)], 12, 64, 4),
+    "detr_encoder": (17821, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4),
+    "detr_decoder": (300, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4),
+}
+# The two DB-SAM shapes are the same problem (4096 queries on a 64x64 map); one row is enough.
+del SHAPES["dbsam_conv_from_vit"]
+
+if ON_GPU:
+    CASES = [(name, n, dt) for name in SHAPES for n in (1, 8) for dt in ("float32", "bfloat16")]
+    BACKENDS = ["cuda", "triton", "reference", "reference_compiled", "deformops"]
+else:
+    # Full DB-SAM shape (the README's CPU figure), the rest scaled to a few queries per level.
+    CASES = [("dbsam_vit_from_conv", 1, "float32")] + [(name, 1, "float32") for name in SHAPES
+                                                        if name != "dbsam_vit_from_conv"]
+    BACKENDS = ["cpu", "reference"]
+
+
+def shape_of(name):
+    Lq, levels, M, D, P = SHAPES[name]
+    if not ON_GPU and name != "dbsam_vit_from_conv":
+        Lq = min(Lq, 512)
+        levels = [(max(1, h // 2), max(1, w // 2)) for h, w in levels]
+    return Lq, levels, M, D, P
+
+
+def make(name, N, dtype_name):
+    Lq, levels, M, D, P = shape_of(name)
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    spatial = torch.tensor(levels, dtype=torch.int64)
+    areas = spatial[:, 0] * spatial[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(levels)
+    value = torch.randn(N, S, M, D, generator=g).to(DEVICE, dtype)
+    loc = (torch.rand(N, Lq, M, L, P, 2, generator=g) * 1.2 - 0.1).to(DEVICE)
+    attn = torch.rand(N, Lq, M, L, P, generator=g).to(DEVICE)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return value, spatial.to(DEVICE), starts.to(DEVICE), loc, attn, levels
+
+
+def floor_bytes(value, loc, attn, Lq, backward):
+    """Each tensor read or written once: value, locations, weights in; output out. The backward
+    adds grad_output in, value/locations/weights again, grad_value/locations/weights out."""
+    N, S, M, D = value.shape
+    out = N * Lq * M * D * value.element_size()
+    fwd = value.nbytes + loc.nbytes + attn.nbytes + out
+    bwd = out + value.nbytes + loc.nbytes + attn.nbytes + value.nbytes + loc.nbytes + attn.nbytes
+    return fwd + (bwd if backward else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference(levels):
+    return torch.compile(functools.partial(ms_deform_attn_reference, spatial_shapes=list(levels)), dynamic=False)
+
+
+def runner(backend, levels):
+    if backend == "reference_compiled":
+        fn = _compiled_reference(tuple(levels))
+        return lambda v, s, st, l, a: fn(v, sampling_locations=l, attention_weights=a)
+    if backend == "deformops":
+        deformops = pytest.importorskip("deformops", reason="deformops (the strongest public peer) is not installed")
+        fn = getattr(deformops, "ms_deform_attn", None) or getattr(deformops, "MSDeformAttnFunction").apply
+        return lambda v, s, st, l, a: fn(v, s, st, l, a, 64)
+    reason = why_not("ms_deform_attn", backend, DEVICE)
+    if reason:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    return lambda v, s, st, l, a: ms_deform_attn(v, s, st, l, a, backend=backend)
+
+
+def _rounds(value):
+    # Large CPU problems take a fraction of a second each: fewer rounds keep the suite short.
+    return 20 if ON_GPU else max(3, min(20, int(2e6 // max(1, value.numel()))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,N,dtype", CASES, ids=[f"{n}-N{b}-{d}" for n, b, d in CASES])
+def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype):
+    if backend in ("reference_compiled", "deformops") and N != 8:
+        pytest.skip("peers are measured at N = 8 only, to keep the GPU check short")
+    value, spatial, starts, loc, attn, levels = make(name, N, dtype)
+    fn = runner(backend, levels)
+
+    def step():
+        with torch.no_grad():
+            out = fn(value, spatial, starts, loc, attn)
+        sync()
+        return out
+
+    benchmark.group = f"msda-fwd-{name}-N{N}-{dtype}"
+    benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=2)
+    report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=False), copy_bandwidth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,N,dtype", CASES, ids=[f"{n}-N{b}-{d}" for n, b, d in CASES])
+def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype):
+    if backend in ("reference_compiled", "deformops") and N != 8:
+        pytest.skip("peers are measured at N = 8 only, to keep the GPU check short")
+    value, spatial, starts, loc, attn, levels = make(name, N, dtype)
+    fn = runner(backend, levels)
+    value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
+    grad = torch.randn(N, loc.shape[1], value.shape[2] * value.shape[3], device=DEVICE, dtype=value.dtype)
+
+    def step():
+        out = fn(value, spatial, starts, loc, attn)
+        grads = torch.autograd.grad(out, (value, loc, attn), grad)
+        sync()
+        return grads
+
+    benchmark.group = f"msda-fwdbwd-{name}-N{N}-{dtype}"
+    benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=1)
+    report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=True), copy_bandwidth)
