@@ -191,7 +191,9 @@ def read_nifti(path):
     nib = _nibabel()
     img = nib.load(str(path))
     array = np.asanyarray(img.dataobj)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
+    # The header holds float32: take the shortest decimal that gives it back
+    # (0.8, not 0.800000011920929), which is what the writer meant.
+    spacing = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[: array.ndim])
     return array, img.affine.copy(), spacing
 
 
