@@ -49,11 +49,18 @@ class Target:
 
 
 class TargetDataset(Dataset):
-    """Shared bookkeeping; subclasses fill `targets` and implement `_load`."""
+    """Shared bookkeeping; subclasses fill `targets` and implement `_load`.
 
-    def __init__(self, *, labels=None, binarize=False, train=False, rng=None,
+    Options every dataset takes: `label_ids` (keep only these labels),
+    `binarize` (one target, mask > 0, labelled 1), `train` with `rng` (a numpy
+    Generator or seed) and `max_jitter` for random box growth, `margin` for
+    the fixed growth used otherwise.
+    """
+
+    def __init__(self, *, label_ids=None, binarize=False, train=False, rng=None,
                  margin=0, max_jitter=MAX_JITTER):
-        self.labels = None if labels is None else {int(v) for v in labels}
+        # label_ids: keep only these labels (None: every non-zero label).
+        self.label_ids = None if label_ids is None else {int(v) for v in label_ids}
         self.binarize = binarize
         self.train = train
         self.rng = np.random.default_rng(rng)
@@ -73,8 +80,8 @@ class TargetDataset(Dataset):
         if self.binarize:
             return [1] if np.any(label_map) else []
         present = [int(v) for v in np.unique(label_map) if v != 0]
-        if self.labels is not None:
-            present = [v for v in present if v in self.labels]
+        if self.label_ids is not None:
+            present = [v for v in present if v in self.label_ids]
         return present
 
     def _add_source(self, name: str, label_map, slice_axis=None) -> None:

@@ -435,6 +435,16 @@ def test_nifti_dataset_slices_spacing_and_window(nifti_folder):
     assert {t.slice for t in along0.targets} == set(range(2, 10))
 
 
+def test_nifti_dataset_label_filter_and_binarize(nifti_folder):
+    images, labels = nifti_folder
+    only2 = NiftiDataset(images, labels, label_ids=[2])
+    assert [(t.slice, t.label) for t in only2.targets] == [(3, 2)]
+    assert int(only2[0]["mask"].sum()) == 3 * 2
+    merged = NiftiDataset(images, labels, binarize=True)
+    assert [(t.slice, t.label) for t in merged.targets] == [(1, 1), (3, 1)]
+    assert int(merged[1]["mask"].sum()) == 2 * 2 + 3 * 2
+
+
 def test_nifti_case_id():
     assert nifti_case_id("a/b/liver_007_0000.nii.gz") == "liver_007"
     assert nifti_case_id("x.nii") == "x"
