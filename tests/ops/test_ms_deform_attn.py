@@ -349,3 +349,14 @@ def test_env_var_and_report_in_a_fresh_process(tmp_path):
                             text=True, check=True).stdout
     assert "ms_deform_attn on cpu:" in report and "auto ->" in report
     assert ("auto -> cpu" in report) == _native.HAS_NATIVE
+
+
+@needs_native
+def test_module_exports():
+    torch.manual_seed(0)
+    module = ops.MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2).eval()
+    spatial, starts, S = level_tensors([(6, 5), (3, 3)])
+    args = (torch.randn(2, 7, 32), torch.rand(2, 7, 2, 2), torch.randn(2, S, 32), spatial, starts)
+    exported = torch.export.export(module, args)
+    assert any("ms_deform_attn_forward" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(*args), module(*args))
