@@ -11,6 +11,21 @@ import sys
 
 from setuptools import find_packages, setup
 
+
+def _locate_cuda_home() -> None:
+    """torch guesses the toolkit from `which nvcc`; a wrapper script on PATH (/usr/local/bin/nvcc)
+    then yields /usr/local and the link fails for want of libcudart. Prefer a real toolkit folder
+    when the user has not named one."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_locate_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
