@@ -82,9 +82,10 @@ def runner(backend, levels):
         fn = _compiled_reference(tuple(levels))
         return lambda v, s, st, l, a: fn(v, sampling_locations=l, attention_weights=a)
     if backend == "deformops":
-        deformops = pytest.importorskip("deformops", reason="deformops (the strongest public peer) is not installed")
-        fn = getattr(deformops, "ms_deform_attn", None) or getattr(deformops, "MSDeformAttnFunction").apply
-        return lambda v, s, st, l, a: fn(v, s, st, l, a, 64)
+        # deformops (the strongest public peer; Python >= 3.12, torch >= 2.11): its dispatching
+        # entry point deformops.registry.msda takes the same five tensors.
+        registry = pytest.importorskip("deformops.registry", reason="deformops is not installed")
+        return lambda v, s, st, l, a: registry.msda(v, s, st, l, a)
     reason = why_not("ms_deform_attn", backend, DEVICE)
     if reason:
         pytest.skip(f"{backend} backend unavailable: {reason}")
