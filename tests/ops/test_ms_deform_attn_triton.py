@@ -346,3 +346,18 @@ def test_gpu_int64_offsets():
     want = _reference_grads(value[last], shapes, loc[last], attn[last], grad_out[last].double())
     for x, y in zip((out[last], gv[last], gl[last], ga[last]), want):
         assert _rel(x, y) < 1e-2
+
+
+@gpu
+def test_gpu_deterministic_mode_alerts():
+    # grad_value uses atomics: under torch.use_deterministic_algorithms(True) the backward must say so.
+    value, shapes, starts, loc, attn = _inputs(1, 8, 2, 8, [(4, 4)], 2, device="cuda")
+    v = value.float().requires_grad_()
+    out = msda_op.ms_deform_attn(v, shapes, starts, loc.float(), attn.float(), backend="triton")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -29,6 +29,7 @@ Kernel design (one program = BLOCK_Q queries of one (batch n, head m), all D cha
   loc*size - 0.5; a point with x <= -1, x >= W, y <= -1 or y >= H (or NaN) contributes nothing and
   gets zero gradient; corners outside the map (or outside [0, S)) read as zero.
 """
+import contextlib
 import os
 import types
 from typing import Dict, Tuple
@@ -317,8 +318,6 @@ def _use_autotune(interpret: bool) -> bool:
 
 def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: int, D: int, L: int, P: int,
             N: int, acc_fp64: bool) -> None:
-    from torch.library import wrap_triton
-
     interpret = _interpreting()
     if not interpret and tensors[0].device.type != "cuda":
         raise RuntimeError(f"ms_deform_attn triton kernels: {unavailable_reason(tensors[0].device)}")
@@ -326,6 +325,16 @@ def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: in
     LP = L * P
     block_d = max(triton.next_power_of_2(D), 2)
     args = (*tensors, Lq, S, M, D, L, P, LP)
+    device = tensors[0].device
+    # Triton launches on the current device and stream: make the tensors' device current (inputs
+    # on cuda:1 with cuda:0 current must still work); the stream is torch's current one.
+    with torch.cuda.device(device) if device.type == "cuda" and not interpret else contextlib.nullcontext():
+        _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64)
+
+
+def _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64):
+    from torch.library import wrap_triton
+
     if _use_autotune(interpret):
         kernel = ks.fwd_tuned if kind == "fwd" else ks.bwd_tuned
 
@@ -371,6 +380,11 @@ if triton is not None:
         Lq = sampling_locations.shape[1]
         L = spatial_shapes.shape[0]
         P = sampling_locations.shape[4]
+        if value.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # The grad_value scatter uses atomics, whose summation order varies run to run: raise
+            # (or warn, with warn_only=True) as PyTorch's own nondeterministic ops do. The CPU
+            # backend's backward is deterministic.
+            torch._C._alert_not_deterministic("ms_deform_attn_triton_backward (grad_value uses atomicAdd)")
         acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         if N * Lq * M * D * L * P == 0:
