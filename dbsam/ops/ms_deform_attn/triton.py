@@ -68,11 +68,8 @@ def unavailable_reason(device: torch.device) -> str:
     if triton is None:
         return _TRITON_ERROR
     if device.type == "cuda":
-        if _interpreting():
-            return ""  # the interpreter runs CUDA tensors too (through host copies)
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        return ""
+        # (Under TRITON_INTERPRET=1 CUDA tensors run through the interpreter, via host copies.)
+        return "" if torch.cuda.is_available() else "torch sees no CUDA device"
     if device.type == "cpu":
         if _interpreting():
             return ""
