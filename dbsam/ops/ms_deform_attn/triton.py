@@ -330,8 +330,11 @@ def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: in
 
 
 def _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64):
-    from torch.library import wrap_triton
+    from torch.library import wrap_triton as _wrap
 
+    # wrap_triton makes the launch traceable (torch.compile sees the kernel); interpreted kernels
+    # are numpy code that nothing can trace, and older torch releases reject them in wrap_triton.
+    wrap_triton = (lambda k: k) if interpret else _wrap
     if _use_autotune(interpret):
         kernel = ks.fwd_tuned if kind == "fwd" else ks.bwd_tuned
 
