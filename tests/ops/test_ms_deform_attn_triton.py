@@ -257,6 +257,51 @@ def test_opcheck_interpreter(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: the interpreter runs numpy and misses compile-time errors of the
+# real pipeline, so compile both kernels ahead of time for sm90 (Triton bundles ptxas) with the
+# argument specialisation a real launch at D=64 gets. On a GPU machine real launches cover this.
+
+@pytest.mark.skipif(HAS_CUDA, reason="covered by the GPU tests")
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_compiles_for_sm90(kind):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    tb = _tb()
+    ks = tb._kernels(interpret=False)
+    vt, ct = "bf16", "fp32"
+    if kind == "fwd":
+        fn = ks.fwd
+        sig = {"value_ptr": "*" + vt, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": "*" + ct,
+               "attn_ptr": "*" + ct, "out_ptr": "*" + vt}
+    else:
+        fn = ks.bwd
+        sig = {"grad_out_ptr": "*" + vt, "value_ptr": "*" + vt, "shapes_ptr": "*i64", "starts_ptr": "*i64",
+               "loc_ptr": "*" + ct, "attn_ptr": "*" + ct, "grad_value_ptr": "*fp32", "grad_loc_ptr": "*" + ct,
+               "grad_attn_ptr": "*" + ct}
+    sig.update({k: "i32" for k in ("Lq", "S", "M", "D", "L", "P", "LP")})
+    sig.update({k: "constexpr" for k in ("BLOCK_Q", "BLOCK_D", "ACC_FP64")})
+    # Pointers are 16-byte aligned and D = 64, Lq = 4096 divisible by 16, as Triton specialises them.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)
+             if name.endswith("_ptr") or name in ("Lq", "D")}
+    cfg = tb._fixed_config(64, 12, interpret=False)
+    try:
+        compiled = triton_compile(
+            ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_Q": cfg["BLOCK_Q"], "BLOCK_D": 64, "ACC_FP64": False},
+                      attrs=attrs),
+            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+    except (FileNotFoundError, RuntimeError) as exc:
+        if "ptxas" in str(exc):
+            pytest.skip(f"no ptxas to compile with: {exc}")
+        raise
+    ptx = compiled.asm["ptx"]
+    # The channel axis is loaded 8 bf16 (16 bytes) at a time.
+    assert "ld.global.v4" in ptx
+    if kind == "bwd":
+        assert "atom.global" in ptx or "red.global" in ptx
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU: the same checks at the shapes of docs/kernels.md (compiled kernels, fixed config).
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
