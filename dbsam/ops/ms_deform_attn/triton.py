@@ -10,9 +10,10 @@ Ops: `dbsam::ms_deform_attn_triton_forward` and `dbsam::ms_deform_attn_triton_ba
 (Inductor) sees the kernels inside and can schedule/fuse around them instead of treating the op as
 an opaque call. They share op.py's fake kernels and autograd formula, like every other backend.
 
-Availability: triton must import (this module imports it lazily and safely: the CPU-only torch has
-no triton); CUDA tensors run compiled kernels, CPU tensors run only under the Triton interpreter
-(TRITON_INTERPRET=1 in the environment at call time; that is how CI tests these kernels).
+Availability: triton must import (op.py imports this module lazily, and this module imports triton
+safely: the CPU-only torch has no triton); CUDA tensors run compiled kernels, CPU tensors run only under the Triton interpreter
+(TRITON_INTERPRET=1 when triton is first imported, and at call time; that is how CI tests
+these kernels).
 
 Kernel design (one program = BLOCK_Q queries of one (batch n, head m), all D channels):
 - The D channels of a value row are contiguous, so the channel axis is the vectorised block axis
@@ -35,6 +36,7 @@ import types
 from typing import Dict, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import op as _op
 
@@ -59,8 +61,18 @@ BACKWARD_OP = "dbsam::ms_deform_attn_triton_backward"
 _AUTOTUNE_ENV = "DBSAM_TRITON_AUTOTUNE"
 
 
-def _interpreting() -> bool:
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _interpreting() -> bool:
+    """Whether this process runs Triton kernels in the interpreter. Triton jits its own library
+    functions (tl.sum, tl.cdiv, ...) once, when triton is first imported, for the TRITON_INTERPRET
+    of that moment; kernels calling them can only run in that same mode, so the mode is fixed per
+    process by whoever imported triton first. It is read off the library, not the environment."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
 
 
 def unavailable_reason(device: torch.device) -> str:
@@ -68,19 +80,23 @@ def unavailable_reason(device: torch.device) -> str:
     if triton is None:
         return _TRITON_ERROR
     if device.type == "cuda":
-        # (Under TRITON_INTERPRET=1 CUDA tensors run through the interpreter, via host copies.)
+        # (In an interpreter process CUDA tensors run through the interpreter, via host copies.)
         return "" if torch.cuda.is_available() else "torch sees no CUDA device"
     if device.type == "cpu":
-        if _interpreting():
-            return ""
-        return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1; slow, for tests)"
+        if not _interpreting():
+            return ("Triton runs CPU tensors only under its interpreter (slow, for tests): set TRITON_INTERPRET=1 "
+                    "before triton is first imported")
+        if not _env_interpret():
+            # Opt-in per call: with triton imported in interpreter mode but the variable unset, auto
+            # dispatch must not route every CPU call through the interpreter.
+            return "TRITON_INTERPRET is not set (triton was imported in interpreter mode, but CPU use is opt-in)"
+        return ""
     return f"no Triton kernels for {device.type} tensors"
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. Written as plain functions and jitted on first use by _kernels(), once per mode
-# (compiled, interpreted): the mode follows TRITON_INTERPRET at launch time, so one process can
-# run the interpreter on CPU tensors whatever imported this module before the variable was set.
+# Kernels. Written as plain functions and jitted on first use by _kernels(), for the process's
+# mode (see _interpreting: compiled or interpreted, fixed when triton was first imported).
 
 def _locate(lx, ly, Hf, Wf, H, W, start, S, q_mask):
     """The bilinear footprint of one sample for a [BLOCK_Q] vector of queries (sampling.h's
@@ -289,14 +305,19 @@ class _Kernels:
         # mode's jitted helper (triton resolves callees through the kernel's globals).
         ns = dict(globals())
 
-        def jit(fn):
+        def jit(fn, helper=False):
             copy = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
             copy.__module__ = fn.__module__
             copy.__qualname__ = fn.__qualname__
             copy.__doc__ = fn.__doc__
             # What triton.jit returns in each mode, chosen here rather than by the environment at
             # this moment, so that a cached mode never holds the other mode's kernels.
-            if interpret:
+            if interpret and helper:
+                # Under the interpreter a helper is plain Python running inside the kernel's
+                # patched `tl`: an interpreted device function (Triton 3.8) re-patches `tl` on each
+                # call and never restores it, which breaks later compilation in the same process.
+                jitted = copy
+            elif interpret:
                 from triton.runtime.interpreter import InterpretedFunction
 
                 jitted = InterpretedFunction(copy)
@@ -305,7 +326,7 @@ class _Kernels:
             ns[fn.__name__] = jitted
             return jitted
 
-        jit(_locate)
+        jit(_locate, helper=True)
         self.interpret = interpret
         self.fwd = jit(_msda_fwd_kernel)
         self.bwd = jit(_msda_bwd_kernel)
@@ -341,16 +362,21 @@ def _use_autotune(interpret: bool) -> bool:
 def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: int, D: int, L: int, P: int,
             N: int, acc_fp64: bool) -> None:
     interpret = _interpreting()
-    if not interpret and tensors[0].device.type != "cuda":
+    if tensors[0].device.type != "cuda" and not (interpret and tensors[0].device.type == "cpu"):
         raise RuntimeError(f"ms_deform_attn triton kernels: {unavailable_reason(tensors[0].device)}")
     ks = _kernels(interpret)
     LP = L * P
+    # D picks the compile-time tile width: under torch.compile with dynamic shapes this
+    # specialises on D (a model constant); N and Lq stay symbolic.
+    D = int(D)
     block_d = max(triton.next_power_of_2(D), 2)
     args = (*tensors, Lq, S, M, D, L, P, LP)
     device = tensors[0].device
     # Triton launches on the current device and stream: make the tensors' device current (inputs
-    # on cuda:1 with cuda:0 current must still work); the stream is torch's current one.
-    with torch.cuda.device(device) if device.type == "cuda" and not interpret else contextlib.nullcontext():
+    # on cuda:1 with cuda:0 current must still work); the stream is torch's current one. Not while
+    # tracing (fake tensors, e.g. torch.compile/export on a host without a GPU): nothing launches.
+    guard = device.type == "cuda" and not interpret and not is_fake(tensors[0])
+    with torch.cuda.device(device) if guard else contextlib.nullcontext():
         _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64)
 
 
