@@ -71,8 +71,13 @@ def _interpreting() -> bool:
     of that moment; kernels calling them can only run in that same mode, so the mode is fixed per
     process by whoever imported triton first. It is read off the library, not the environment."""
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
-    return isinstance(tl.sum, InterpretedFunction)
+    if isinstance(tl.sum, InterpretedFunction):
+        return True
+    if isinstance(tl.sum, JITFunction):
+        return False
+    return _env_interpret()  # a triton whose tl.sum is neither: trust the environment
 
 
 def unavailable_reason(device: torch.device) -> str:
