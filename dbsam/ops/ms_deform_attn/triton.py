@@ -204,12 +204,15 @@ def _msda_bwd_kernel(grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, a
     # grad_value: a scatter (many queries hit the same value rows), done with fp32 atomicAdd into
     # an fp32 buffer (fp64 for a fp64 value) that the host casts to bf16/fp16 at the end.
     # Why atomics rather than sorting the samples by value row (an atomic-free, deterministic
-    # scatter): a sort costs a full extra pass over N*Lq*M*L*P*4 keys plus a segmented reduction,
-    # more traffic than the relaxed atomics it removes, which on sm80+/sm90 are resolved in L2 and
-    # rarely collide (neighbouring queries of one head land on neighbouring rows, not the same
-    # ones). bf16x2/fp16x2 packed atomics would halve that traffic, but their support differs
-    # between Triton releases (3.6 on the GPU machine, 3.8 here) and bf16 accumulation would lose
-    # the low bits of many small contributions; fp32 is portable and accurate.
+    # scatter): a sort costs an extra pass over N*Lq*M*L*P*4 (row, weight) keys, the sort itself
+    # and a segmented reduction, more traffic than the relaxed atomics it removes. Relaxed fp32
+    # atomics are resolved in L2 (Triton 3.8 emits 16-byte vector atomics on sm90); collisions do
+    # happen (neighbouring queries of a head share corners when queries are as dense as the map)
+    # and serialise in L2, which is the cost to measure against the ~95 us floor of kernels.md.
+    # bf16x2/fp16x2 packed atomics would halve the traffic, but their support differs between
+    # Triton releases (3.6 on the GPU machine, 3.8 here) and bf16 accumulation would lose the low
+    # bits of many small contributions; fp32 is portable and accurate. Atomics make the summation
+    # order vary run to run: the op alerts under torch.use_deterministic_algorithms(True).
     pid = tl.program_id(0)
     num_qb = tl.cdiv(Lq, BLOCK_Q)
     qb = pid % num_qb
