@@ -28,7 +28,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "ms_deform_attn/checks.h"
@@ -47,7 +49,22 @@ struct KDims {
   int G;          // lanes per group, power of two <= 32
   int log2G;
   int chunks;     // D / VEC
+  int head_major; // 1: consecutive groups walk queries of one (n, m); 0: (n, q, m) order
 };
+
+// The (n, q, m) sample (flattened like out's first three axes) that group `g` works on. Query-major
+// order (g = t) matches the output layout; head-major order (g = (n*M + m)*Lq + q) puts neighbouring
+// queries of one head in one block, which share value rows: more L1 hits on the gathers, and more
+// same-address atomics in the backward. The host picks per kernel (see pick_order()).
+__device__ __forceinline__ int64_t sample_of_group(int64_t g, const KDims& d) {
+  if (!d.head_major) return g;
+  const int64_t ml = d.M * d.Lq;
+  const int64_t n = g / ml;
+  const int64_t r = g - n * ml;
+  const int64_t m = r / d.Lq;
+  const int64_t q = r - m * d.Lq;
+  return (n * d.Lq + q) * d.M + m;
+}
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
@@ -114,9 +131,10 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
                     const coord_t* __restrict__ attn, scalar_t* __restrict__ out, const KDims d) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t t = gid >> d.log2G;  // (n, q, m), flattened like out's first three axes
+  const int64_t g = gid >> d.log2G;
   const int lane = static_cast<int>(gid & (d.G - 1));
-  if (t >= d.total) return;  // no shuffles in the forward: an early exit is safe
+  if (g >= d.total) return;  // no shuffles in the forward: an early exit is safe
+  const int64_t t = sample_of_group(g, d);  // (n, q, m), flattened like out's first three axes
   const int64_t m = t % d.M;
   const int64_t n = t / (d.M * d.Lq);
   const int64_t LP = d.L * d.P;
@@ -158,8 +176,12 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
 // ------------------------------------------------------------------------------------------------
 // Backward. SCATTER: accumulate grad_value with atomics (else only grad_loc / grad_attn).
 
+// At most 80 registers: three 256-thread blocks (24 warps) per SM. Uncapped the vector scatter
+// variant takes ~115 registers and two blocks; ptxas_ms_deform_attn.txt shows what it costs.
+constexpr int kBackwardMinBlocks = 3;
+
 template <typename scalar_t, typename coord_t, int VEC, bool SCATTER>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
 msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ value,
                      const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                      const coord_t* __restrict__ loc, const coord_t* __restrict__ attn,
@@ -172,7 +194,7 @@ msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __re
   const int lane = static_cast<int>(gid & (d.G - 1));
   // Lanes past the end stay to the end: the group reductions below need the whole warp.
   const bool active = t_raw < d.total;
-  const int64_t t = active ? t_raw : 0;
+  const int64_t t = active ? sample_of_group(t_raw, d) : 0;
   const int64_t m = t % d.M;
   const int64_t n = t / (d.M * d.Lq);
   const int64_t LP = d.L * d.P;
@@ -321,7 +343,7 @@ msda_det_gather_kernel(const int64_t* __restrict__ skeys, const int64_t* __restr
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 KDims make_dims(const Dims& d, int64_t groups, int vec) {
-  KDims k{d.N, d.S, d.M, d.D, d.Lq, d.L, d.P, groups, 1, 0, 0};
+  KDims k{d.N, d.S, d.M, d.D, d.Lq, d.L, d.P, groups, 1, 0, 0, 0};
   const int64_t chunks = d.D / vec;
   TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "ms_deform_attn: D too large");
   k.chunks = static_cast<int>(chunks);
@@ -330,6 +352,22 @@ KDims make_dims(const Dims& d, int64_t groups, int vec) {
     ++k.log2G;
   }
   return k;
+}
+
+// Sample order per kernel. DBSAM_MSDA_ORDER=query|head overrides both kernels (for A/B timing,
+// benchmarks/ab_order.py); unset, the forward runs head-major (gathers only: L1 reuse between
+// neighbouring queries) and the backward query-major (fewer same-address atomics in flight).
+int pick_order(bool backward) {
+  static const int forced = [] {
+    const char* e = std::getenv("DBSAM_MSDA_ORDER");
+    if (e == nullptr) return -1;
+    const std::string v(e);
+    if (v == "head") return 1;
+    if (v == "query") return 0;
+    return -1;
+  }();
+  if (forced >= 0) return forced;
+  return backward ? 0 : 1;
 }
 
 dim3 grid_for(int64_t threads) {
@@ -369,7 +407,8 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool fast = d.D % V == 0 && aligned16(vp) && aligned16(op);
     const int vec = fast ? V : 1;
-    const KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
+    KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
+    k.head_major = pick_order(false);
     const dim3 grid = grid_for(k.total * k.G);
     if (fast) {
       msda_forward_kernel<scalar_t, coord_t, V><<<grid, kThreads, 0, stream>>>(
@@ -439,7 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = fast_vec<scalar_t>();
     const bool fast = d.D % V == 0 && aligned16(v.data_ptr()) && aligned16(go.data_ptr());
-    const KDims k = make_dims(d, d.N * d.Lq * d.M, fast ? V : 1);
+    KDims k = make_dims(d, d.N * d.Lq * d.M, fast ? V : 1);
+    k.head_major = pick_order(true);
     if (!deterministic) {
       // acc_t buffer laid out like value: fp32 for fp16/bf16 (rounded once below).
       auto acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
