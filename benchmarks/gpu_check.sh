@@ -151,10 +151,10 @@ run_step info 30 0 bash -c step_info
 run_step build 150 0 bash -c step_build
 run_step ptxas 15 0 bash -c step_ptxas
 run_step tests 110 0 bash -c step_tests
-run_step memcheck 50 1 bash -c step_memcheck
-run_step racecheck 40 1 bash -c step_racecheck
+run_step memcheck 70 1 bash -c step_memcheck
+run_step racecheck 50 1 bash -c step_racecheck
 TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
-TAIL_LINES=5 run_step bench 150 1 bash -c step_bench
+TAIL_LINES=5 run_step bench 140 1 bash -c step_bench
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
 
 echo
