@@ -259,15 +259,18 @@ def test_direct_op_matches_public_api():
     assert gv.shape == value.shape and gl.shape == loc.shape and ga.shape == attn.shape
 
 
-def test_gradcheck_float64():
-    value, spatial, starts, loc, attn = make_inputs(1, 3, 2, 5, [(4, 5), (3, 2)], 2, dtype=torch.float64,
+@pytest.mark.parametrize("D", [5, 4], ids=["general", "vector"])
+def test_gradcheck_float64(D):
+    value, spatial, starts, loc, attn = make_inputs(1, 3, 2, D, [(4, 5), (3, 2)], 2, dtype=torch.float64,
                                                     seed=11, away_from_grid=True)
     value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
 
     def fn(v, lo, at):
         return ms_deform_attn(v, spatial, starts, lo, at, backend="cuda")
 
-    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-5, rtol=1e-4)
+    # nondet_tol: grad_value is summed with atomics, so two backward passes may differ in the last
+    # bits (the reentrancy check compares them); the deterministic mode test covers bitwise equality.
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-5, rtol=1e-4, nondet_tol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
