@@ -13,14 +13,19 @@
 #   report     a table of the benchmark JSON (benchmarks/gpu_report.py)
 # Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
 # any step failed. Without a GPU (no working nvidia-smi) the GPU steps are skipped, and say so.
-# Knobs: PYTHON (default python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
+# Knobs: PYTHON (default: the first of python, python3 that imports torch), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
 # GPU_CHECK_SKIP=<space-separated step names> to skip steps by hand.
 set -u
 
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+if [ -z "${PYTHON:-}" ]; then  # the first python on PATH that has torch
+  for cand in python python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PYTHON=$(command -v "$cand"); break; fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 START=$(date +%s)
@@ -80,6 +85,7 @@ step_info() {
     echo "gpu: none ($GPU_WHY)"
   fi
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "python: $PYTHON (set PYTHON=... to choose another)"
   "$PYTHON" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| torch CUDA", torch.version.cuda,
