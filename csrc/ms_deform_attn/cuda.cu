@@ -370,6 +370,24 @@ int pick_order(bool backward) {
   return backward ? 0 : 1;
 }
 
+// Launch shape for `threads` threads: 256-thread blocks, or 64-thread blocks when 256 would leave
+// SMs idle (the DETR decoder: 300 queries x 8 heads x 8 lanes = 75 blocks of 256 on 132 SMs).
+// Kernels index by blockDim.x, and 64 keeps whole warps, so groups (<= 32 lanes) stay intact.
+struct Launch {
+  dim3 grid;
+  unsigned block;
+};
+
+Launch launch_for(int64_t threads) {
+  // The current device is value's (CUDAGuard); ATen caches the properties per device, no sync.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t block = (threads + kThreads - 1) / kThreads < 2 * static_cast<int64_t>(sms) ? 64 : kThreads;
+  const int64_t blocks = (threads + block - 1) / block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: problem too large for one launch (", blocks, " blocks)");
+  return {dim3(static_cast<unsigned>(blocks)), static_cast<unsigned>(block)};
+}
+
 dim3 grid_for(int64_t threads) {
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
@@ -409,13 +427,13 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     const int vec = fast ? V : 1;
     KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
     k.head_major = pick_order(false);
-    const dim3 grid = grid_for(k.total * k.G);
+    const Launch lc = launch_for(k.total * k.G);
     if (fast) {
-      msda_forward_kernel<scalar_t, coord_t, V><<<grid, kThreads, 0, stream>>>(
+      msda_forward_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
           vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
           attn.data_ptr<coord_t>(), op, k);
     } else {
-      msda_forward_kernel<scalar_t, coord_t, 1><<<grid, kThreads, 0, stream>>>(
+      msda_forward_kernel<scalar_t, coord_t, 1><<<lc.grid, lc.block, 0, stream>>>(
           vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
           attn.data_ptr<coord_t>(), op, k);
     }
@@ -429,8 +447,8 @@ void launch_backward(const at::Tensor& go, const at::Tensor& v, const at::Tensor
                      const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
                      at::opmath_type<scalar_t>* gv, const at::Tensor& grad_loc,
                      const at::Tensor& grad_attn, const KDims& k, cudaStream_t stream) {
-  msda_backward_kernel<scalar_t, coord_t, VEC, SCATTER>
-      <<<grid_for(k.total * k.G), kThreads, 0, stream>>>(
+  const Launch lc = launch_for(k.total * k.G);
+  msda_backward_kernel<scalar_t, coord_t, VEC, SCATTER><<<lc.grid, lc.block, 0, stream>>>(
           go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
           starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), gv,
           grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), k);
