@@ -1,0 +1,84 @@
+"""A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head), plus the
+deterministic backward, at two kernels.md shapes. Prints one line per case: median microseconds of
+the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
+time) against a device copy measured in the same run. Each order runs in a fresh process because
+the kernels read the variable once.
+
+    python benchmarks/ab_order.py            # both orders, from the repository root
+"""
+import os
+import subprocess
+import sys
+
+CASES = {
+    # name: (Lq, levels, M, D, P, value dtype)
+    "vitadapter_injector-bf16": (4096, [(128, 128), (64, 64), (32, 32)], 12, 64, 4, "bfloat16"),
+    "vitadapter_injector-f32": (4096, [(128, 128), (64, 64), (32, 32)], 12, 64, 4, "float32"),
+    "detr_encoder-f32": (17821, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4, "float32"),
+}
+
+
+def child() -> None:
+    import torch
+
+    import dbsam.ops  # noqa: F401
+
+    fwd, bwd = torch.ops.dbsam.ms_deform_attn_forward, torch.ops.dbsam.ms_deform_attn_backward
+    dev = torch.device("cuda")
+
+    def median_us(fn, reps=30):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (median_us(lambda: dst.copy_(src)) * 1e-6)
+    order = os.environ.get("DBSAM_MSDA_ORDER", "default")
+    for name, (Lq, levels, M, D, P, dt) in CASES.items():
+        dtype = getattr(torch, dt)
+        g = torch.Generator().manual_seed(0)
+        spatial = torch.tensor(levels, dtype=torch.int64)
+        areas = spatial[:, 0] * spatial[:, 1]
+        starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).to(dev)
+        spatial = spatial.to(dev)
+        S, L = int(areas.sum()), len(levels)
+        value = torch.randn(1, S, M, D, generator=g).to(dev, dtype)
+        loc = (torch.rand(1, Lq, M, L, P, 2, generator=g) * 1.2 - 0.1).to(dev)
+        attn = torch.rand(1, Lq, M, L, P, generator=g).to(dev)
+        go = torch.randn(1, Lq, M * D, generator=g).to(dev, dtype)
+        t_f = median_us(lambda: fwd(value, spatial, starts, loc, attn))
+        t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
+        torch.use_deterministic_algorithms(True)
+        t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=5)
+        torch.use_deterministic_algorithms(False)
+        floor = value.numel() * value.element_size() + loc.numel() * 4 + attn.numel() * 4 + go.numel() * go.element_size()
+        print(f"order={order:7} {name:26} fwd {t_f:8.1f} us ({floor / t_f / 1e3:7.1f} GB/s, "
+              f"{100 * floor / (t_f * 1e-6) / copy_bw:5.1f}% of copy {copy_bw / 1e9:.0f} GB/s)   "
+              f"bwd {t_b:8.1f} us   bwd deterministic {t_d:8.1f} us", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child()
+        return 0
+    rc = 0
+    for order in ("query", "head", None):
+        env = dict(os.environ)
+        env.pop("DBSAM_MSDA_ORDER", None)
+        if order:
+            env["DBSAM_MSDA_ORDER"] = order
+        rc |= subprocess.call([sys.executable, os.path.abspath(__file__), "--child"], env=env)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# The one-call GPU check. From the repository root:
+#     OUT=./gpu_out bash benchmarks/gpu_check.sh
+# Steps (each under `timeout`, the whole run capped at GPU_CHECK_BUDGET_S, default 470 s; a step
+# that would start with under 15 s left is marked failed, not run: when the benchmarks get cut,
+# rerun with GPU_CHECK_SKIP="tests_cuda tests memcheck racecheck" after a build):
+#   info       card, driver, torch/CUDA/Triton versions, git commit
+#   build      in-place build for the H100 (MAX_JOBS=16 DBSAM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
+#              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt
+#   tests_cuda pytest tests/ops/test_ms_deform_attn_cuda.py, junit -> $OUT/junit_cuda.xml
+#   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases), junit -> $OUT/junit_ops.xml
+#   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
+#   racecheck  compute-sanitizer --tool racecheck on the same script
+#   ab         benchmarks/ab_order.py: the kernels' sample order A/B and the deterministic backward
+#   bench      pytest benchmarks/ --benchmark-only --benchmark-json=$OUT/bench.json
+#   report     a table of the benchmark JSON (benchmarks/gpu_report.py)
+# Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
+# any step failed. Without a GPU (no working nvidia-smi) the GPU steps are skipped, and say so.
+# Knobs: PYTHON (default: the first of python, python3 that imports torch), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
+# GPU_CHECK_SKIP=<space-separated step names> to skip steps by hand.
+set -u
+
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -z "${PYTHON:-}" ]; then  # the first python on PATH that has torch
+  for cand in python python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PYTHON=$(command -v "$cand"); break; fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+START=$(date +%s)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# torch picks CUDA_HOME from the nvcc on PATH; a stray /usr/local/bin/nvcc makes it /usr/local.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+[ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
+
+SUMMARY=()
+FAILED=0
+
+HAVE_GPU=0
+GPU_WHY="nvidia-smi not found"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  if nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; GPU_WHY=""; else GPU_WHY="nvidia-smi finds no GPU"; fi
+fi
+
+# run_step NAME TIMEOUT_S NEEDS_GPU(0/1) COMMAND...  -> logs to $OUT/NAME.log, records the outcome.
+run_step() {
+  local name=$1 limit=$2 gpu=$3; shift 3
+  local now left t0 rc dt
+  now=$(date +%s); left=$((BUDGET - (now - START)))
+  if [[ "$SKIP" == *" $name "* ]]; then
+    SUMMARY+=("SKIP  $name  (GPU_CHECK_SKIP)"); echo "== $name: SKIPPED (GPU_CHECK_SKIP)"; return 0
+  fi
+  if [ "$gpu" = 1 ] && [ "$HAVE_GPU" = 0 ]; then
+    SUMMARY+=("SKIP  $name  (needs a GPU: $GPU_WHY)"); echo "== $name: SKIPPED, needs a GPU ($GPU_WHY)"; return 0
+  fi
+  if [ "$left" -lt 15 ]; then
+    SUMMARY+=("FAIL  $name  (no time left in the ${BUDGET}s budget)"); FAILED=1
+    echo "== $name: NOT RUN, ${left}s left of the ${BUDGET}s budget"; return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (timeout ${limit}s) -> $OUT/$name.log"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  tail -n "${TAIL_LINES:-15}" "$OUT/$name.log" | sed 's/^/   | /'
+  if [ $rc -eq 0 ]; then
+    SUMMARY+=("PASS  $name  (${dt}s)")
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    SUMMARY+=("FAIL  $name  (timed out after ${limit}s)"); FAILED=1
+  elif [ $rc -eq 5 ] && grep -q "no tests ran\|collected 0 items" "$OUT/$name.log"; then
+    SUMMARY+=("FAIL  $name  (pytest collected no tests, see $OUT/$name.log)"); FAILED=1
+  else
+    SUMMARY+=("FAIL  $name  (exit $rc, ${dt}s, see $OUT/$name.log)"); FAILED=1
+  fi
+  return 0
+}
+
+step_info() {
+  echo "date: $(date -u +%FT%TZ)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo '?') $(git rev-parse --abbrev-ref HEAD 2>/dev/null)"
+  git status --short 2>/dev/null | head -20
+  if [ "$HAVE_GPU" = 1 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  else
+    echo "gpu: none ($GPU_WHY)"
+  fi
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "python: $PYTHON (set PYTHON=... to choose another)"
+  "$PYTHON" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| torch CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+EOF
+}
+
+step_build() {
+  # From scratch: objects left by an earlier build (another torch, or an incremental build that
+  # prints no ptxas report) must not be reused.
+  rm -rf build dbsam/_C*.so
+  local t0=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} DBSAM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    "$PYTHON" setup.py build_ext --inplace || return 1
+  echo "build wall time: $(( $(date +%s) - t0 )) s (MAX_JOBS=${MAX_JOBS:-16}, archs ${TORCH_CUDA_ARCH_LIST:-9.0})"
+  "$PYTHON" -c "import dbsam.ops._native as n; print('build_info:', n.BUILD_INFO); assert n.HAS_NATIVE_CUDA, n.LOAD_ERROR" || return 1
+}
+
+step_ptxas() {
+  "$PYTHON" benchmarks/ptxas_report.py "$OUT/build.log" \
+    --header "# ptxas -v of the ms_deform_attn kernels, from the build step of benchmarks/gpu_check.sh ($(git rev-parse --short HEAD 2>/dev/null))" \
+    > "$OUT/ptxas_sm90.txt" && cat "$OUT/ptxas_sm90.txt"
+}
+
+# The CUDA kernel tests first, on their own: their result survives a slow rest of the suite.
+step_tests_cuda() {
+  "$PYTHON" -m pytest tests/ops/test_ms_deform_attn_cuda.py -q -rs --junitxml="$OUT/junit_cuda.xml" -p no:cacheprovider
+}
+
+step_tests() {
+  "$PYTHON" -m pytest tests/ops -q -rs --ignore=tests/ops/test_ms_deform_attn_cuda.py \
+    --junitxml="$OUT/junit_ops.xml" -p no:cacheprovider
+}
+
+sanitizer() {
+  local tool=$1 san
+  san=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  [ -x "$san" ] || { echo "compute-sanitizer not found"; return 1; }
+  local raw="$OUT/$tool.raw.log" rc
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    "$PYTHON" benchmarks/sanitize_case.py >"$raw" 2>&1
+  rc=$?
+  cat "$raw"
+  [ $rc -eq 0 ] || return 1
+  # Belt and braces: the sanitizer's summary line must say 0 errors.
+  grep -q "ERROR SUMMARY: 0 errors" "$raw" || { echo "no 'ERROR SUMMARY: 0 errors' line"; return 1; }
+}
+
+step_memcheck() { sanitizer memcheck; }
+step_racecheck() { sanitizer racecheck; }
+
+step_ab() { "$PYTHON" benchmarks/ab_order.py; }
+
+step_bench() {
+  "$PYTHON" -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" -q -p no:cacheprovider
+}
+
+step_report() {
+  [ -f "$OUT/bench.json" ] || { echo "no $OUT/bench.json (the bench step did not run or failed early)"; return 1; }
+  "$PYTHON" benchmarks/gpu_report.py "$OUT/bench.json"
+}
+
+export -f step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_bench step_report
+export HAVE_GPU GPU_WHY PYTHON OUT
+
+run_step info 30 0 bash -c step_info
+run_step build 150 0 bash -c step_build
+run_step ptxas 15 0 bash -c step_ptxas
+run_step tests_cuda 120 1 bash -c step_tests_cuda
+run_step tests 120 0 bash -c step_tests
+run_step memcheck 70 1 bash -c step_memcheck
+run_step racecheck 50 1 bash -c step_racecheck
+TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
+TAIL_LINES=5 run_step bench 140 1 bash -c step_bench
+TAIL_LINES=200 run_step report 15 1 bash -c step_report
+
+echo
+echo "== summary ($(( $(date +%s) - START ))s, logs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+exit $FAILED

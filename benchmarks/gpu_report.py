@@ -1,0 +1,54 @@
+"""Prints a short table from a pytest-benchmark JSON file: median time per benchmark, the speed-up
+over the reference backend of the same group, and the extra_info fields (effective GB/s, % of
+copy bandwidth) when the benchmark recorded them.
+
+    python benchmarks/gpu_report.py gpu_out/bench.json
+"""
+import json
+import sys
+
+
+def rows_of(data):
+    rows = []
+    for b in data.get("benchmarks", []):
+        params = b.get("params") or {}
+        rows.append({
+            "group": b.get("group") or "",
+            "backend": str(params.get("backend", b.get("name", "?"))),
+            "name": b.get("name", "?"),
+            "median": (b.get("stats") or {}).get("median"),
+            "extra": b.get("extra_info") or {},
+        })
+    return rows
+
+
+def main(argv) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        with open(argv[1]) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"gpu_report: cannot read {argv[1]}: {exc}", file=sys.stderr)
+        return 1
+    rows = rows_of(data)
+    if not rows:
+        print(f"gpu_report: no benchmarks in {argv[1]}")
+        return 1
+    machine = data.get("machine_info", {})
+    print(f"machine: {machine.get('node', '?')} {machine.get('cpu', {}).get('brand_raw', '')}".rstrip())
+    ref = {r["group"]: r["median"] for r in rows if r["backend"] == "reference" and r["median"]}
+    print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6}")
+    for r in sorted(rows, key=lambda r: (r["group"], r["median"] or float("inf"))):
+        med = r["median"]
+        us = f"{med * 1e6:.1f}" if med else "-"
+        speed = f"{ref[r['group']] / med:.1f}x" if med and r["group"] in ref else "-"
+        gbps = r["extra"].get("effective_GBps", "-")
+        pct = r["extra"].get("pct_of_copy", "-")
+        print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

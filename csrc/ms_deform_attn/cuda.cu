@@ -1,0 +1,559 @@
+// CUDA kernels of multi-scale deformable attention (forward, backward, deterministic backward).
+//
+// Thread mapping (forward and backward): a "group" of G lanes (G a power of two <= 32, so a group
+// never straddles a warp) owns one (n, q, m) sample; lane j owns channel chunks j, j+G, j+2G, ...
+// of VEC contiguous channels each. VEC = 16 bytes / sizeof(value) on the fast path (D % VEC == 0
+// and 16-byte aligned pointers: 8 fp16/bf16, 4 fp32, 2 fp64 per load), VEC = 1 otherwise (any D).
+// G = min(32, next_pow2(D / VEC)), so for D = 64 bf16 a group is 8 lanes and one corner of one
+// sample is one 128-byte line read by 8 lanes with 16-byte loads. Consecutive groups are
+// consecutive (q, m), so a 256-thread block works on 256 / G samples (several queries) at once.
+// Locations and weights are read once per lane (a broadcast within the group), the bilinear math
+// is the shared sampling.h code the CPU kernel runs, and nothing synchronises the block.
+//
+// Backward: the same mapping. Each lane computes its partial <grad_out, corner value> over its
+// channels; the grad_attn / grad_loc terms are linear in those dot products, so the group reduces
+// three numbers per sample point with xor shuffles and lane 0 writes them (every element of
+// grad_loc and grad_attn is written exactly once: no zero fill, no atomics). grad_value is a
+// scatter: atomics into an acc_t buffer (fp32 for fp16/bf16 values, rounded once at the end);
+// on sm_90 four fp32 channels go in one vector red (red.global.add.v4.f32).
+// Deterministic mode (torch.use_deterministic_algorithms(True)): the same kernel without the
+// scatter, then each (corner, weight) contribution is keyed by its value row, the keys are sorted
+// stably and one group per distinct row sums its contributions in sorted order: no atomics,
+// bitwise identical across runs (see benchmarks/NOTES.md for the byte and atomic counts).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "ms_deform_attn/checks.h"
+#include "ms_deform_attn/sampling.h"
+
+namespace dbsam {
+namespace msda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Launch geometry and sizes, passed by value.
+struct KDims {
+  int64_t N, S, M, D, Lq, L, P;
+  int64_t total;  // number of groups (samples, or sorted positions in the gather kernel)
+  int G;          // lanes per group, power of two <= 32
+  int log2G;
+  int chunks;     // D / VEC
+  int head_major; // 1: consecutive groups walk queries of one (n, m); 0: (n, q, m) order
+};
+
+// The (n, q, m) sample (flattened like out's first three axes) that group `g` works on. Query-major
+// order (g = t) matches the output layout; head-major order (g = (n*M + m)*Lq + q) puts neighbouring
+// queries of one head in one block, which share value rows: more L1 hits on the gathers, and more
+// same-address atomics in the backward. The host picks per kernel (see pick_order()).
+__device__ __forceinline__ int64_t sample_of_group(int64_t g, const KDims& d) {
+  if (!d.head_major) return g;
+  const int64_t ml = d.M * d.Lq;
+  const int64_t n = g / ml;
+  const int64_t r = g - n * ml;
+  const int64_t m = r / d.Lq;
+  const int64_t q = r - m * d.Lq;
+  return (n * d.Lq + q) * d.M + m;
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p, acc_t (&out)[VEC]) {
+  const Vec<scalar_t, VEC> x = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<acc_t>(x.v[j]);
+}
+
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, const acc_t (&in)[VEC]) {
+  Vec<scalar_t, VEC> x;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x.v[j] = static_cast<scalar_t>(in[j]);
+  *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = x;
+}
+
+// grad_value scatter of VEC channels. `dst` is VEC-aligned (checked on the host).
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(float* dst, const float (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = VEC % 4 == 0;  // red.global.add.v4.f32, sm_90 and later
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+    }
+#endif
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, v[j]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(double* dst, const double (&v)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, v[j]);
+}
+
+// Sum over the G lanes of a group (xor butterfly: every lane ends with the total, and the order of
+// additions is fixed, so the result is the same on every run).
+template <typename T>
+__device__ __forceinline__ T group_sum(T x, int G) {
+  for (int off = G >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, typename coord_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                    const int64_t* __restrict__ starts, const coord_t* __restrict__ loc,
+                    const coord_t* __restrict__ attn, scalar_t* __restrict__ out, const KDims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t g = gid >> d.log2G;
+  const int lane = static_cast<int>(gid & (d.G - 1));
+  if (g >= d.total) return;  // no shuffles in the forward: an early exit is safe
+  const int64_t t = sample_of_group(g, d);  // (n, q, m), flattened like out's first three axes
+  const int64_t m = t % d.M;
+  const int64_t n = t / (d.M * d.Lq);
+  const int64_t LP = d.L * d.P;
+  const coord_t* tl = loc + t * LP * 2;
+  const coord_t* ta = attn + t * LP;
+  const int64_t row_stride = d.M * d.D;
+  const scalar_t* vbase = value + n * d.S * row_stride + m * d.D;
+
+  for (int c = lane; c < d.chunks; c += d.G) {
+    acc_t acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+    const scalar_t* vb = vbase + static_cast<int64_t>(c) * VEC;
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+      for (int64_t p = 0; p < d.P; ++p) {
+        const int64_t i = l * d.P + p;
+        Sample<acc_t> s;
+        if (!locate<acc_t>(static_cast<acc_t>(tl[2 * i]), static_cast<acc_t>(tl[2 * i + 1]), H, W,
+                           start, d.S, s)) {
+          continue;
+        }
+        const acc_t a = static_cast<acc_t>(ta[i]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (s.row[k] < 0) continue;
+          const acc_t w = a * s.weight[k];
+          acc_t v[VEC];
+          load_vec<scalar_t, VEC>(vb + s.row[k] * row_stride, v);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[j] += w * v[j];
+        }
+      }
+    }
+    store_vec<scalar_t, VEC>(out + t * d.D + static_cast<int64_t>(c) * VEC, acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward. SCATTER: accumulate grad_value with atomics (else only grad_loc / grad_attn).
+
+// At most 80 registers: three 256-thread blocks (24 warps) per SM. Uncapped the vector scatter
+// variant takes ~115 registers and two blocks; ptxas_ms_deform_attn.txt shows what it costs.
+constexpr int kBackwardMinBlocks = 3;
+
+template <typename scalar_t, typename coord_t, int VEC, bool SCATTER>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
+msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ value,
+                     const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                     const coord_t* __restrict__ loc, const coord_t* __restrict__ attn,
+                     at::opmath_type<scalar_t>* __restrict__ grad_value,
+                     coord_t* __restrict__ grad_loc, coord_t* __restrict__ grad_attn,
+                     const KDims d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t t_raw = gid >> d.log2G;
+  const int lane = static_cast<int>(gid & (d.G - 1));
+  // Lanes past the end stay to the end: the group reductions below need the whole warp.
+  const bool active = t_raw < d.total;
+  const int64_t t = active ? sample_of_group(t_raw, d) : 0;
+  const int64_t m = t % d.M;
+  const int64_t n = t / (d.M * d.Lq);
+  const int64_t LP = d.L * d.P;
+  const coord_t* tl = loc + t * LP * 2;
+  const coord_t* ta = attn + t * LP;
+  const int64_t row_stride = d.M * d.D;
+  const int64_t vofs = n * d.S * row_stride + m * d.D;
+  const scalar_t* go = grad_out + t * d.D;
+
+  // The lane's first chunk of grad_out stays in registers (the only chunk on the fast path).
+  acc_t g0[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) g0[j] = acc_t(0);
+  if (active && lane < d.chunks) load_vec<scalar_t, VEC>(go + static_cast<int64_t>(lane) * VEC, g0);
+
+  for (int64_t l = 0; l < d.L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    for (int64_t p = 0; p < d.P; ++p) {
+      const int64_t i = l * d.P + p;
+      Sample<acc_t> s;
+      const bool ok = active && locate<acc_t>(static_cast<acc_t>(tl[2 * i]),
+                                              static_cast<acc_t>(tl[2 * i + 1]), H, W, start,
+                                              d.S, s);
+      const acc_t a = active ? static_cast<acc_t>(ta[i]) : acc_t(0);
+      acc_t ga = 0, gx = 0, gy = 0;  // this lane's share of the three gradients
+      if (ok) {
+        for (int c = lane; c < d.chunks; c += d.G) {
+          const int64_t cofs = static_cast<int64_t>(c) * VEC;
+          acc_t g[VEC];
+          if (c == lane) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) g[j] = g0[j];
+          } else {
+            load_vec<scalar_t, VEC>(go + cofs, g);
+          }
+          acc_t dot[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            dot[k] = acc_t(0);
+            if (s.row[k] < 0) continue;
+            const int64_t o = vofs + s.row[k] * row_stride + cofs;
+            acc_t v[VEC];
+            load_vec<scalar_t, VEC>(value + o, v);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) dot[k] += g[j] * v[j];
+            if constexpr (SCATTER) {
+              const acc_t w = a * s.weight[k];
+              acc_t contrib[VEC];
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) contrib[j] = w * g[j];
+              atomic_add_vec<VEC>(grad_value + o, contrib);
+            }
+          }
+          acc_t dx, dy;
+          value_grad_xy<acc_t>(s, dot[0], dot[1], dot[2], dot[3], dx, dy);
+          ga += interpolate<acc_t>(s, dot);
+          gx += dx;
+          gy += dy;
+        }
+      }
+      ga = group_sum(ga, d.G);
+      gx = group_sum(gx, d.G);
+      gy = group_sum(gy, d.G);
+      if (active && lane == 0) {
+        const int64_t o = t * LP + i;
+        grad_attn[o] = static_cast<coord_t>(ok ? ga : acc_t(0));
+        grad_loc[2 * o] = static_cast<coord_t>(ok ? a * gx * static_cast<acc_t>(W) : acc_t(0));
+        grad_loc[2 * o + 1] = static_cast<coord_t>(ok ? a * gy * static_cast<acc_t>(H) : acc_t(0));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Deterministic grad_value: key every (sample point, corner) contribution by its value row, sort
+// stably, then one group per distinct row gathers its contributions in sorted order.
+
+// One thread per (n, q, m, l, p); writes keys/weights of its 4 corners at e = 4 * index + corner.
+// Corners that contribute nothing get the key `sentinel` (= N*M*S, sorted after every row).
+template <typename coord_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+msda_det_keys_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                     const coord_t* __restrict__ loc, const coord_t* __restrict__ attn,
+                     int64_t* __restrict__ keys, acc_t* __restrict__ wbuf, const KDims d) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t LP = d.L * d.P;
+  if (idx >= d.N * d.Lq * d.M * LP) return;
+  const int64_t t = idx / LP;
+  const int64_t i = idx - t * LP;
+  const int64_t l = i / d.P;
+  const int64_t m = t % d.M;
+  const int64_t n = t / (d.M * d.Lq);
+  const int64_t sentinel = d.N * d.M * d.S;
+  Sample<acc_t> s;
+  const bool ok = locate<acc_t>(static_cast<acc_t>(loc[2 * idx]), static_cast<acc_t>(loc[2 * idx + 1]),
+                                shapes[2 * l], shapes[2 * l + 1], starts[l], d.S, s);
+  const acc_t a = static_cast<acc_t>(attn[idx]);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const bool hit = ok && s.row[k] >= 0;
+    keys[4 * idx + k] = hit ? (n * d.M + m) * d.S + s.row[k] : sentinel;
+    wbuf[4 * idx + k] = hit ? a * s.weight[k] : acc_t(0);
+  }
+}
+
+// One group per sorted position; only the first position of each row's run works.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+msda_det_gather_kernel(const int64_t* __restrict__ skeys, const int64_t* __restrict__ perm,
+                       const acc_t* __restrict__ wbuf, const scalar_t* __restrict__ grad_out,
+                       scalar_t* __restrict__ grad_value, const KDims d) {
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t j = gid >> d.log2G;
+  const int lane = static_cast<int>(gid & (d.G - 1));
+  const int64_t E = d.total;
+  if (j >= E) return;  // no shuffles here
+  const int64_t key = skeys[j];
+  if (key >= d.N * d.M * d.S) return;  // sentinel run: corners that contribute nothing
+  if (j > 0 && skeys[j - 1] == key) return;
+  const int64_t nm = key / d.S;
+  const int64_t row = key - nm * d.S;
+  const int64_t n = nm / d.M, m = nm - n * d.M;
+  const int64_t corners_per_t = 4 * d.L * d.P;
+  scalar_t* gv = grad_value + ((n * d.S + row) * d.M + m) * d.D;
+  for (int c = lane; c < d.chunks; c += d.G) {
+    const int64_t cofs = static_cast<int64_t>(c) * VEC;
+    acc_t acc[VEC];
+#pragma unroll
+    for (int j2 = 0; j2 < VEC; ++j2) acc[j2] = acc_t(0);
+    for (int64_t k = j; k < E && skeys[k] == key; ++k) {
+      const int64_t e = perm[k];
+      const int64_t t = e / corners_per_t;
+      const acc_t w = wbuf[e];
+      acc_t g[VEC];
+      load_vec<scalar_t, VEC>(grad_out + t * d.D + cofs, g);
+#pragma unroll
+      for (int j2 = 0; j2 < VEC; ++j2) acc[j2] += w * g[j2];
+    }
+    store_vec<scalar_t, VEC>(gv + cofs, acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+KDims make_dims(const Dims& d, int64_t groups, int vec) {
+  KDims k{d.N, d.S, d.M, d.D, d.Lq, d.L, d.P, groups, 1, 0, 0, 0};
+  const int64_t chunks = d.D / vec;
+  TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "ms_deform_attn: D too large");
+  k.chunks = static_cast<int>(chunks);
+  while (k.G < 32 && k.G < k.chunks) {
+    k.G <<= 1;
+    ++k.log2G;
+  }
+  return k;
+}
+
+// Sample order per kernel. DBSAM_MSDA_ORDER=query|head overrides both kernels (for A/B timing,
+// benchmarks/ab_order.py); unset, the forward runs head-major (gathers only: L1 reuse between
+// neighbouring queries) and the backward query-major (fewer same-address atomics in flight).
+int pick_order(bool backward) {
+  static const int forced = [] {
+    const char* e = std::getenv("DBSAM_MSDA_ORDER");
+    if (e == nullptr) return -1;
+    const std::string v(e);
+    if (v == "head") return 1;
+    if (v == "query") return 0;
+    return -1;
+  }();
+  if (forced >= 0) return forced;
+  return backward ? 0 : 1;
+}
+
+// Launch shape for `threads` threads: 256-thread blocks, or 64-thread blocks when 256 would leave
+// SMs idle (the DETR decoder: 300 queries x 8 heads x 8 lanes = 75 blocks of 256 on 132 SMs).
+// Kernels index by blockDim.x, and 64 keeps whole warps, so groups (<= 32 lanes) stay intact.
+struct Launch {
+  dim3 grid;
+  unsigned block;
+};
+
+Launch launch_for(int64_t threads) {
+  // The current device is value's (CUDAGuard); ATen caches the properties per device, no sync.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t block = (threads + kThreads - 1) / kThreads < 2 * static_cast<int64_t>(sms) ? 64 : kThreads;
+  const int64_t blocks = (threads + block - 1) / block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: problem too large for one launch (", blocks, " blocks)");
+  return {dim3(static_cast<unsigned>(blocks)), static_cast<unsigned>(block)};
+}
+
+dim3 grid_for(int64_t threads) {
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: problem too large for one launch (", blocks, " blocks)");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+template <typename scalar_t>
+constexpr int fast_vec() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                        const at::Tensor& attention_weights) {
+  const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights);
+  TORCH_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
+                    value.device());
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
+  if (out.numel() == 0) return out;
+  auto v = value.contiguous();
+  auto shapes = spatial_shapes.contiguous();
+  auto starts = level_start_index.contiguous();
+  auto loc = sampling_locations.contiguous();
+  auto attn = attention_weights.contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_dtypes(v.scalar_type(), loc.scalar_type(), "ms_deform_attn_forward",
+                  [&](auto vtag, auto ctag) {
+    using scalar_t = typename decltype(vtag)::type;
+    using coord_t = typename decltype(ctag)::type;
+    constexpr int V = fast_vec<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool fast = d.D % V == 0 && aligned16(vp) && aligned16(op);
+    const int vec = fast ? V : 1;
+    KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
+    k.head_major = pick_order(false);
+    const Launch lc = launch_for(k.total * k.G);
+    if (fast) {
+      msda_forward_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
+          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+          attn.data_ptr<coord_t>(), op, k);
+    } else {
+      msda_forward_kernel<scalar_t, coord_t, 1><<<lc.grid, lc.block, 0, stream>>>(
+          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+          attn.data_ptr<coord_t>(), op, k);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename scalar_t, typename coord_t, int VEC, bool SCATTER>
+void launch_backward(const at::Tensor& go, const at::Tensor& v, const at::Tensor& shapes,
+                     const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
+                     at::opmath_type<scalar_t>* gv, const at::Tensor& grad_loc,
+                     const at::Tensor& grad_attn, const KDims& k, cudaStream_t stream) {
+  const Launch lc = launch_for(k.total * k.G);
+  msda_backward_kernel<scalar_t, coord_t, VEC, SCATTER><<<lc.grid, lc.block, 0, stream>>>(
+          go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+          starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), gv,
+          grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights);
+  TORCH_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
+                    value.device());
+  TORCH_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
+                        grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
+                    "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
+                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
+                   "ms_deform_attn_backward: grad_output must have value's dtype");
+  TORCH_CHECK_VALUE(grad_output.device() == value.device(),
+                    "ms_deform_attn_backward: grad_output must be on ", value.device());
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto go = grad_output.contiguous();
+  auto v = value.contiguous();
+  auto shapes = spatial_shapes.contiguous();
+  auto starts = level_start_index.contiguous();
+  auto loc = sampling_locations.contiguous();
+  auto attn = attention_weights.contiguous();
+  auto grad_loc = at::empty(loc.sizes(), loc.options());
+  auto grad_attn = at::empty(attn.sizes(), attn.options());
+  if (go.numel() == 0) {
+    grad_loc.zero_();
+    grad_attn.zero_();
+    return {at::zeros(v.sizes(), v.options()), grad_loc, grad_attn};
+  }
+  const bool low = v.scalar_type() == at::kHalf || v.scalar_type() == at::kBFloat16;
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor grad_value;
+  dispatch_dtypes(v.scalar_type(), loc.scalar_type(), "ms_deform_attn_backward",
+                  [&](auto vtag, auto ctag) {
+    using scalar_t = typename decltype(vtag)::type;
+    using coord_t = typename decltype(ctag)::type;
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = fast_vec<scalar_t>();
+    const bool fast = d.D % V == 0 && aligned16(v.data_ptr()) && aligned16(go.data_ptr());
+    KDims k = make_dims(d, d.N * d.Lq * d.M, fast ? V : 1);
+    k.head_major = pick_order(true);
+    if (!deterministic) {
+      // acc_t buffer laid out like value: fp32 for fp16/bf16 (rounded once below).
+      auto acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
+      acc_t* gv = acc.data_ptr<acc_t>();
+      if (fast) {
+        launch_backward<scalar_t, coord_t, V, true>(go, v, shapes, starts, loc, attn, gv,
+                                                    grad_loc, grad_attn, k, stream);
+      } else {
+        launch_backward<scalar_t, coord_t, 1, true>(go, v, shapes, starts, loc, attn, gv,
+                                                    grad_loc, grad_attn, k, stream);
+      }
+      grad_value = low ? acc.to(v.scalar_type()) : acc;
+      return;
+    }
+    // Deterministic: location/weight gradients without the scatter, then sort + gather.
+    if (fast) {
+      launch_backward<scalar_t, coord_t, V, false>(go, v, shapes, starts, loc, attn, nullptr,
+                                                   grad_loc, grad_attn, k, stream);
+    } else {
+      launch_backward<scalar_t, coord_t, 1, false>(go, v, shapes, starts, loc, attn, nullptr,
+                                                   grad_loc, grad_attn, k, stream);
+    }
+    grad_value = at::zeros(v.sizes(), v.options());
+    const int64_t points = d.N * d.Lq * d.M * d.L * d.P;
+    if (points == 0 || d.S == 0) return;
+    const int64_t E = 4 * points;
+    auto keys = at::empty({E}, v.options().dtype(at::kLong));
+    auto wbuf = at::empty({E}, v.options().dtype(low ? at::kFloat : v.scalar_type()));
+    msda_det_keys_kernel<coord_t, acc_t><<<grid_for(points), kThreads, 0, stream>>>(
+        shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+        attn.data_ptr<coord_t>(), keys.data_ptr<int64_t>(), wbuf.data_ptr<acc_t>(), k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor skeys, perm;
+    std::tie(skeys, perm) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const bool gfast = fast && aligned16(grad_value.data_ptr());
+    const KDims kg = make_dims(d, E, gfast ? V : 1);
+    if (gfast) {
+      msda_det_gather_kernel<scalar_t, acc_t, V><<<grid_for(E * kg.G), kThreads, 0, stream>>>(
+          skeys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), wbuf.data_ptr<acc_t>(),
+          go.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), kg);
+    } else {
+      msda_det_gather_kernel<scalar_t, acc_t, 1><<<grid_for(E * kg.G), kThreads, 0, stream>>>(
+          skeys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), wbuf.data_ptr<acc_t>(),
+          go.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), kg);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dbsam, CUDA, m) {
+  m.impl("ms_deform_attn_forward", &forward_cuda);
+  m.impl("ms_deform_attn_backward", &backward_cuda);
+}
+
+}  // namespace msda
+}  // namespace dbsam
