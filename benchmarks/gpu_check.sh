@@ -37,6 +37,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 [ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
 
+# The GPU machine has no network: pure-Python packages it lacks (segment-anything, deformops)
+# travel as wheels in .whl/ (git-ignored; see benchmarks/NOTES.md for the download command).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dbsam_site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/dbsam_site"
+fi
+
 SUMMARY=()
 FAILED=0
 
