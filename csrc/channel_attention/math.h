@@ -1,0 +1,30 @@
+// Scalar math shared by the CPU and CUDA kernels of channel_attention (erf GELU and its derivative),
+// so that the CPU tests exercise the same formulas the GPU runs.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DBSAM_CA_HD __host__ __device__ __forceinline__
+#else
+#define DBSAM_CA_HD inline
+#endif
+
+namespace dbsam {
+namespace ca {
+
+template <typename T>
+DBSAM_CA_HD T gelu(T v) {
+  return T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440)));
+}
+
+// d/dv [v * Phi(v)] = Phi(v) + v * phi(v)
+template <typename T>
+DBSAM_CA_HD T gelu_grad(T v) {
+  const T cdf = T(0.5) * (T(1) + erf(v * T(0.70710678118654752440)));
+  const T pdf = exp(T(-0.5) * v * v) * T(0.39894228040143267794);
+  return cdf + v * pdf;
+}
+
+}  // namespace ca
+}  // namespace dbsam
