@@ -52,6 +52,17 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& ln_weight, const a
   return d;
 }
 
+inline void check_scale(const Dims& d, const at::Tensor& x, const c10::optional<at::Tensor>& scale) {
+  if (!scale.has_value()) return;
+  const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == d.B,
+                    "channel_attention: branch_scale must be [B] = [", d.B, "], got ", scale->sizes());
+  TORCH_CHECK_TYPE(scale->scalar_type() == st, "channel_attention: branch_scale must be ", st, ", got ",
+                   scale->scalar_type());
+  TORCH_CHECK_VALUE(scale->device() == x.device(), "channel_attention: branch_scale must be on ",
+                    x.device(), ", got ", scale->device());
+}
+
 inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tensor& x,
                         const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pooled) {
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "channel_attention_backward: grad_y must be ",

@@ -211,8 +211,9 @@ void run_front(const Dims& d, const at::Tensor& xa, const Weights& w, double eps
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
-    const at::Tensor& pw_weight, double eps) {
+    const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
+  check_scale(d, x, branch_scale);
   const auto acc = at::toOpMathType(x.scalar_type());
   auto xa = x.to(acc).contiguous();
   const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
@@ -229,7 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   }
   auto pooled = rowsum.sum(1).div_(double(d.H * d.W));
   auto s = at::sigmoid(at::mm(at::gelu(at::mm(pooled, w.w1.t())), w.w2.t()));  // [B, C]
-  // Fold the gate into the 1x1 weight per image: y_b = x_b + u_b @ (Wp * s_b)^T.
+  if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
+  // Fold the gate (and drop-path) into the 1x1 weight per image: y_b = x_b + u_b @ (Wp * s_b)^T.
   auto wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).transpose(1, 2);  // [B, Cin, Cout]
   const int64_t HW = d.H * d.W;
   auto y = at::baddbmm(xa.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf).view(x.sizes());
@@ -239,9 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln_weight,
              const at::Tensor& ln_bias, const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
-             const at::Tensor& fc2_weight, const at::Tensor& pw_weight, const at::Tensor& mean,
+             const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
+             const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
              const at::Tensor& rstd, const at::Tensor& pooled, double eps) {
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
+  check_scale(d, x, branch_scale);
   check_saved(d, grad_y, x, mean, rstd, pooled);
   const auto acc = at::toOpMathType(x.scalar_type());
   auto xa = x.to(acc).contiguous();
@@ -263,12 +267,15 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   auto a = at::mm(pooled_c, w.w1.t());  // [B, R]
   auto h = at::gelu(a);
   auto s = at::sigmoid(at::mm(h, w.w2.t()));  // [B, C]
+  // With drop-path, the effective gate is s * scale: grad_s picks up the scale once.
+  auto s_eff = branch_scale.has_value() ? s * branch_scale->unsqueeze(1) : s;
   auto gy3 = gya.view({d.B, HW, d.C});
   auto u3 = u.view({d.B, HW, d.C});
   // grad_pw[o, c] = sum_b s[b, c] * (gy_b^T u_b)[o, c]
-  auto gpw = at::bmm(gy3.transpose(1, 2), u3).mul_(s.unsqueeze(1)).sum(0);
+  auto gpw = at::bmm(gy3.transpose(1, 2), u3).mul_(s_eff.unsqueeze(1)).sum(0);
   auto gv = at::matmul(gy3, w.wp);  // [B, HW, Cin]: grad at the gated activations
   auto gs = (gv * u3).sum(1);       // [B, C]
+  if (branch_scale.has_value()) gs.mul_(branch_scale->unsqueeze(1));
   auto gz = gs * s * (1 - s);
   auto gw2 = at::mm(gz.t(), h);
   auto ga = at::gelu_backward(at::mm(gz, w.w2), a);
@@ -279,7 +286,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   auto partials = at::zeros({chunks, 11, d.C}, opts);
   auto gx = at::empty_like(xa);
   AT_DISPATCH_FLOATING_TYPES(acc, "channel_attention_backward", [&] {
-    auto sc = s.contiguous();
+    auto sc = s_eff.contiguous();
     grad_dw_out<scalar_t>(gv.data_ptr<scalar_t>(), dpre.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                           gp.data_ptr<scalar_t>(), d);
     dw_ln_backward<scalar_t>(gv.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
@@ -289,10 +296,10 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
                              partials.data_ptr<scalar_t>(), chunks, d);
   });
   auto red = partials.sum(0);  // [11, C]
-  auto gdw = red.narrow(0, 0, 9).t().reshape({d.C, 1, 3, 3});
+  auto gdw = red.narrow(0, 0, 9).t().contiguous().view({d.C, 1, 3, 3});
   return {gx.to(x.scalar_type()),
-          red[9].to(ln_weight.scalar_type()),
-          red[10].to(ln_bias.scalar_type()),
+          red[9].to(ln_weight.scalar_type(), false, /*copy=*/true),
+          red[10].to(ln_bias.scalar_type(), false, /*copy=*/true),
           gdw.to(dw_weight.scalar_type()),
           gw1.reshape({d.R, d.C, 1, 1}).to(fc1_weight.scalar_type()),
           gw2.reshape({d.C, d.R, 1, 1}).to(fc2_weight.scalar_type()),

@@ -73,36 +73,37 @@ def stat_dtype(x_dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # Fake kernels and autograd, shared by every backend's ops.
 
-def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps):
+def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
     B, H, W, C = x.shape
     st = stat_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, H, W), dtype=st),
             x.new_empty((B, H, W), dtype=st), x.new_empty((B, C), dtype=st))
 
 
-def fake_backward(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, mean, rstd,
-                  pooled, eps):
+def fake_backward(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
+                  mean, rstd, pooled, eps):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    x, lw, lb, dw, f1, f2, pw, eps = inputs
+    x, lw, lb, dw, f1, f2, pw, scale, eps = inputs
     y, mean, rstd, pooled = output
-    ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, mean, rstd, pooled)
+    ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, scale, mean, rstd, pooled)
     ctx.eps = eps
     ctx.mark_non_differentiable(mean, rstd, pooled)
 
 
 def register_autograd_for(forward_op: str, backward: Callable) -> None:
     """Gives `forward_op` (a qualified op name) the autograd formula, with `backward(grad_y, x, ln_weight,
-    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, mean, rstd, pooled, eps) -> 7 grads`."""
+    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, eps) -> 7
+    grads`."""
 
     def _backward(ctx, grad_y, _gm, _gr, _gp):
         saved = ctx.saved_tensors
         grads = backward(grad_y.contiguous(), *saved, ctx.eps)
         need = ctx.needs_input_grad
-        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,)
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None)
 
     torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
 
@@ -152,8 +153,11 @@ def _run_triton(*args):
     return triton_backend.channel_attention_triton(*args)
 
 
-def _run_reference(x, *rest):
-    return channel_attention_reference(x, *rest)
+def _run_reference(x, lw, lb, dw, f1, f2, pw, scale, eps):
+    if x.dtype in _LOW:  # the definition, evaluated in float32 and rounded once
+        ws = (w.float() for w in (lw, lb, dw, f1, f2, pw))
+        return channel_attention_reference(x.float(), *ws, eps, branch_scale=scale).to(x.dtype)
+    return channel_attention_reference(x, lw, lb, dw, f1, f2, pw, eps, branch_scale=scale)
 
 
 _RUNNERS = {"cuda": _run_native, "cpu": _run_native, "triton": _run_triton, "reference": _run_reference}
@@ -161,7 +165,8 @@ _RUNNERS = {"cuda": _run_native, "cpu": _run_native, "triton": _run_triton, "ref
 
 def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_weight: torch.Tensor,
                       fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, pw_weight: torch.Tensor,
-                      eps: float = 1e-6, *, backend: Optional[str] = None) -> torch.Tensor:
+                      eps: float = 1e-6, *, branch_scale: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
     """The DB-SAM channel-attention adapter: y = x + PW1x1(SE(GELU(DW3x3(LN(x))))).
 
     x [B, H, W, C] channels-last (any strides; no permutes are made); ln_weight, ln_bias [C];
@@ -169,10 +174,26 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
     [C, C/r, 1, 1] (SE: mean over H, W -> fc1 -> GELU -> fc2 -> sigmoid -> channel scale);
     pw_weight [C, C, 1, 1]. GELU is the erf form; LN uses `eps`. Weights in x's dtype, or float32 with
     a float16/bfloat16 x (statistics and accumulation are float32 either way). Returns y [B, H, W, C]
-    in x's dtype, differentiable in x and every weight. `backend` overrides the dispatch policy for
-    this call (see dbsam.ops.use_backend).
+    in x's dtype, differentiable in x and every weight.
+
+    `branch_scale` (optional [B], no gradient) multiplies the branch per sample before the residual
+    add: y = x + branch_scale[b] * branch. It is how drop-path runs fused (keep_b / (1 - p)); the kernels
+    fold it into the 1x1 weight with the SE gate, so it is free. `backend` overrides the dispatch
+    policy for this call (see dbsam.ops.use_backend).
     """
     validate(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps)
+    if branch_scale is not None:
+        if not isinstance(branch_scale, torch.Tensor):
+            raise TypeError(f"channel_attention: branch_scale must be a torch.Tensor or None, got "
+                            f"{type(branch_scale).__name__}")
+        if tuple(branch_scale.shape) != (x.shape[0],):
+            raise ValueError(f"channel_attention: branch_scale must be [B] = [{x.shape[0]}], "
+                             f"got shape {tuple(branch_scale.shape)}")
+        if not branch_scale.dtype.is_floating_point:
+            raise TypeError(f"channel_attention: branch_scale must be floating point, got {branch_scale.dtype}")
+        if branch_scale.device != x.device:
+            raise ValueError(f"channel_attention: branch_scale is on {branch_scale.device} but x is on {x.device}")
+        branch_scale = branch_scale.detach().to(stat_dtype(x.dtype))
     name = _backends._check_name(backend) if backend is not None else "auto"
     if name == "auto":
         name = _backends.resolve(OP, x.device)
@@ -182,4 +203,4 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
             raise RuntimeError(f"channel_attention: backend {name!r} cannot run on {x.device}: {reason}")
     weights = (ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight)
     wdt = weight_dtype(x.dtype, weights)
-    return _RUNNERS[name](x, *(w.to(wdt) for w in weights), float(eps))
+    return _RUNNERS[name](x, *(w.to(wdt) for w in weights), branch_scale, float(eps))
