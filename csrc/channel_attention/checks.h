@@ -83,5 +83,21 @@ inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tenso
   }
 }
 
+// The small weights in the op-math dtype, in the layouts the kernels read.
+struct Weights {
+  at::Tensor g, b, wt, w1, w2, wp;  // op-math dtype; wt [9, C], w1 [R, C], w2 [C, R], wp [C, C]
+};
+
+inline Weights widen(const Dims& d, at::ScalarType acc, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+              const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+              const at::Tensor& pw_weight) {
+  return {ln_weight.to(acc).contiguous(),
+          ln_bias.to(acc).contiguous(),
+          dw_weight.reshape({d.C, 9}).t().to(acc).contiguous(),
+          fc1_weight.reshape({d.R, d.C}).to(acc),
+          fc2_weight.reshape({d.C, d.R}).to(acc),
+          pw_weight.reshape({d.C, d.C}).to(acc)};
+}
+
 }  // namespace ca
 }  // namespace dbsam

@@ -29,9 +29,6 @@ namespace dbsam {
 namespace ca {
 namespace {
 
-using std::erf;
-using std::exp;
-
 // LN per pixel. With compute_stats, writes mean/rstd; otherwise reads them (backward recompute).
 template <typename acc_t>
 void layer_norm(const acc_t* x, const acc_t* g, const acc_t* b, acc_t* n, acc_t* mean, acc_t* rstd,
@@ -178,21 +175,6 @@ void dw_ln_backward(const acc_t* gd, const acc_t* n, const acc_t* x, const acc_t
       }
     }
   });
-}
-
-struct Weights {
-  at::Tensor g, b, wt, w1, w2, wp;  // op-math dtype; wt [9, C], w1 [R, C], w2 [C, R], wp [C, C]
-};
-
-Weights widen(const Dims& d, at::ScalarType acc, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-              const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
-              const at::Tensor& pw_weight) {
-  return {ln_weight.to(acc).contiguous(),
-          ln_bias.to(acc).contiguous(),
-          dw_weight.reshape({d.C, 9}).t().to(acc).contiguous(),
-          fc1_weight.reshape({d.R, d.C}).to(acc),
-          fc2_weight.reshape({d.C, d.R}).to(acc),
-          pw_weight.reshape({d.C, d.C}).to(acc)};
 }
 
 template <typename acc_t>
