@@ -101,3 +101,27 @@ def test_import_without_triton():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_triton_opcheck():
+    from dbsam.ops.channel_attention import triton as ca_triton
+
+    ca_triton._register()
+    x, ws = make_inputs(2, 3, 2, 5, 1, dtype=torch.float32, device=DEVICE)
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    torch.library.opcheck(torch.ops.dbsam_triton.channel_attention_forward.default, (x, *ws, None, 1e-6))
+
+
+def test_triton_compile_fullgraph():
+    from dbsam.ops import use_backend
+    from dbsam.ops.channel_attention import ChannelAttention
+
+    torch._dynamo.reset()
+    mod = ChannelAttention(8, drop_path=0.2).to(DEVICE)
+    x = torch.randn(2, 3, 4, 8, device=DEVICE, requires_grad=True)
+    with use_backend("triton"):
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+        compiled(x).sum().backward()
+        mod.eval()
+        assert rel_err(compiled(x), mod(x)) < 1e-6
