@@ -222,17 +222,39 @@ def test_opcheck(with_scale):
                           (gy, x.detach(), *(w.detach() for w in ws), scale, *y[1:], 1e-6))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend, compiler", [("reference", "aot_eager"),
+                                               pytest.param("cpu", "aot_eager", marks=needs_native),
+                                               pytest.param("cpu", "inductor", marks=needs_native)])
+def test_compile_fullgraph(backend, compiler):
     torch._dynamo.reset()
     mod = ChannelAttention(16, drop_path=0.2)
     x = torch.randn(2, 5, 4, 16, requires_grad=True)
     with ops.use_backend(backend):
         expect = mod.eval()(x)
-        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(mod, fullgraph=True, backend=compiler)
         got = compiled(x)
         got.sum().backward()
         mod.train()
         compiled(x).sum().backward()  # training graph with the drop-path draw
     assert rel_err(got, expect) < 1e-6
     assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Property test: random small shapes, every CPU backend against the float64 reference.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@needs_native
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 4), H=st.integers(1, 6), W=st.integers(1, 6), C=st.integers(1, 20),
+       r=st.floats(0.05, 1.0), seed=st.integers(0, 2 ** 16))
+def test_random_shapes_cpu(B, H, W, C, r, seed):
+    R = max(1, int(C * r))
+    x, ws = make_inputs(B, H, W, C, R, seed=seed)
+    y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    y_ref, grads_ref = grads_of(ref64, x, ws)
+    assert rel_err(y, y_ref) < 1e-12
+    for g, gr in zip(grads, grads_ref):
+        assert (g - gr).abs().max().item() <= 1e-10 * (1 + gr.abs().max().item())
