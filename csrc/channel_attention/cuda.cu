@@ -6,9 +6,11 @@
 //                 3x3 neighbourhood (9 reads per output, served by L1/L2), DW3x3 + GELU, u written in
 //                 x's dtype and the row's channel sums reduced in shared memory into rowsum[B, H, C]
 //                 (deterministic: no atomics; the H-sum is one tiny ATen reduction).
-//   SE MLP        on [B, C] in fp32 (ATen, a few microseconds).
-//   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) with the SE gate and drop-path factor folded
-//                 into the weight per image and the residual x as the GEMM's addend.
+//   se_gate       one block per image: pooled means from the row sums, the SE MLP (one warp per
+//                 hidden unit / channel, coalesced weight rows), the gate times the drop-path factor.
+//   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
+//   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) on wf^T (a view) with the residual x as the
+//                 GEMM's addend.
 // Backward (recomputes LN/DW from x and the saved statistics; nothing [B,H,W,C] is saved):
 //   dw_gelu (again, writing the pre-activation in fp32), two GEMMs (grad_pw, grad at the gated
 //   activations), chan_dot (per-channel sums of grad*u, for the SE backward), the SE backward in ATen,
@@ -23,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <tuple>
 
@@ -232,6 +235,60 @@ __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t*
   }
 }
 
+// The SE MLP of one image per block: pooled = (sum over rows of rowsum) / HW (written out, saved for
+// the backward), h = GELU(W1 pooled), gate = sigmoid(W2 h) * branch_scale[b]. One warp per hidden
+// unit / output channel, so every weight row is read coalesced. Dynamic smem: (C + R) acc_t.
+template <typename acc_t>
+__global__ void se_gate_kernel(const acc_t* __restrict__ rowsum, const acc_t* __restrict__ w1,
+                               const acc_t* __restrict__ w2, const acc_t* __restrict__ scale,
+                               acc_t* __restrict__ pooled, acc_t* __restrict__ gate, int H, int C, int R,
+                               acc_t inv_hw) {
+  extern __shared__ __align__(16) unsigned char se_smem[];
+  acc_t* p = reinterpret_cast<acc_t*>(se_smem);
+  acc_t* h = p + C;
+  const int64_t b = blockIdx.x;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t acc = 0;
+    for (int i = 0; i < H; ++i) acc += rowsum[(b * H + i) * C + c];
+    acc *= inv_hw;
+    p[c] = acc;
+    pooled[b * C + c] = acc;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int r = warp; r < R; r += nw) {
+    acc_t a = 0;
+    for (int c = lane; c < C; c += 32) a += p[c] * w1[static_cast<int64_t>(r) * C + c];
+    a = warp_sum(a);
+    if (lane == 0) h[r] = gelu(a);
+  }
+  __syncthreads();
+  const acc_t sc = scale != nullptr ? scale[b] : acc_t(1);
+  for (int c = warp; c < C; c += nw) {
+    acc_t z = 0;
+    for (int r = lane; r < R; r += 32) z += h[r] * w2[static_cast<int64_t>(c) * R + r];
+    z = warp_sum(z);
+    if (lane == 0) gate[b * C + c] = sc / (acc_t(1) + ca_exp(-z));
+  }
+}
+
+// wf[b, co, ci] = wp[co, ci] * gate[b, ci], in x's dtype: the 1x1 weight with the gate folded in
+// (the GEMM takes its transpose as a view).
+template <typename scalar_t, typename acc_t>
+__global__ void fold_kernel(const acc_t* __restrict__ wp, const acc_t* __restrict__ gate,
+                            scalar_t* __restrict__ wf, int64_t total, int C) {
+  const int64_t CC = static_cast<int64_t>(C) * C;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / CC, k = idx % CC;
+    wf[idx] = static_cast<scalar_t>(wp[k] * gate[b * C + k % C]);
+  }
+}
+
+unsigned grid_stride_blocks(int64_t total, int threads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65535 * 8)));
+}
+
 void check_cuda_dims(const Dims& d, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "channel_attention: the CUDA kernel got a tensor on ", x.device());
   TORCH_CHECK_VALUE(d.H <= 65535 && d.B <= 65535 && d.C <= INT_MAX / 11 && d.W <= INT_MAX,
@@ -282,11 +339,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     mean.zero_();
     rstd.zero_();
   }
-  auto pooled = rowsum.sum(1).div_(static_cast<double>(HW));
-  auto s = at::sigmoid(at::mm(at::gelu(at::mm(pooled, w.w1.t())), w.w2.t()));  // [B, C]
-  if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
-  auto wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).transpose(1, 2).to(st);  // [B, Cin, Cout]
-  auto y = at::baddbmm(xc.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf).view(x.sizes());
+  at::Tensor pooled, wf;
+  const size_t se_smem = static_cast<size_t>(d.C + d.R) * at::elementSize(acc);
+  if (P > 0 && se_smem <= 48 * 1024) {
+    // SE MLP and the gate folding: two launches.
+    pooled = at::empty({d.B, d.C}, aopts);
+    auto gate = at::empty({d.B, d.C}, aopts);
+    wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
+    c10::optional<at::Tensor> scale_c;
+    if (branch_scale.has_value()) scale_c = branch_scale->contiguous();
+    auto w1 = w.w1.contiguous(), w2 = w.w2.contiguous(), wp = w.wp.contiguous();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_se_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      se_gate_kernel<acc_t><<<static_cast<unsigned>(d.B), 256, se_smem, stream>>>(
+          rowsum.data_ptr<acc_t>(), w1.data_ptr<acc_t>(), w2.data_ptr<acc_t>(),
+          scale_c.has_value() ? scale_c->data_ptr<acc_t>() : nullptr, pooled.data_ptr<acc_t>(),
+          gate.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.C), static_cast<int>(d.R),
+          acc_t(1) / acc_t(HW));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t total = d.B * d.C * d.C;
+      fold_kernel<scalar_t, acc_t><<<grid_stride_blocks(total, 256), 256, 0, stream>>>(
+          wp.data_ptr<acc_t>(), gate.data_ptr<acc_t>(), wf.data_ptr<scalar_t>(), total,
+          static_cast<int>(d.C));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {  // empty batch, or a C too wide for the SE kernel's shared memory: the same math in ATen
+    pooled = rowsum.sum(1).div_(static_cast<double>(HW));
+    auto s = at::sigmoid(at::mm(at::gelu(at::mm(pooled, w.w1.t())), w.w2.t()));  // [B, C]
+    if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
+    wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).to(st);  // [B, Cout, Cin]
+  }
+  // y_b = x_b + u_b @ (Wp * gate_b)^T, residual as the GEMM's addend.
+  auto y = at::baddbmm(xc.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf.transpose(1, 2)).view(x.sizes());
   return {y, mean, rstd, pooled};
 }
 
