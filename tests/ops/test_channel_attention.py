@@ -11,6 +11,16 @@ from dbsam.ops.channel_attention.op import stat_dtype
 
 from _ca_common import SHAPES, make_inputs, rel_err
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared, oversubscribed machine OpenMP
+    barriers make them 10-40x slower (gradcheck: 0.4 s on one thread, 17 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 needs_native = pytest.mark.skipif(not _native.HAS_NATIVE, reason=f"dbsam._C not built: {_native.LOAD_ERROR}")
 CPU_BACKENDS = ["reference", pytest.param("cpu", marks=needs_native)]
 

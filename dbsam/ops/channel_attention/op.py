@@ -108,7 +108,19 @@ def register_autograd_for(forward_op: str, backward: Callable) -> None:
     torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
 
 
-if _native.HAS_NATIVE:
+def _has_native_op() -> bool:
+    # A dbsam._C built before this op existed loads fine but lacks its schemas.
+    try:
+        torch.ops.dbsam.channel_attention_forward
+        torch.ops.dbsam.channel_attention_backward
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+HAS_NATIVE_OP = _native.HAS_NATIVE and _has_native_op()
+
+if HAS_NATIVE_OP:
     torch.library.register_fake("dbsam::channel_attention_forward")(fake_forward)
     torch.library.register_fake("dbsam::channel_attention_backward")(fake_backward)
     register_autograd_for("dbsam::channel_attention_forward", torch.ops.dbsam.channel_attention_backward)
@@ -120,7 +132,10 @@ if _native.HAS_NATIVE:
 def _native_reason(device: torch.device) -> str:
     if device.type not in ("cpu", "cuda"):
         return f"no native kernel for {device.type} tensors"
-    return _native.native_reason(device.type)
+    reason = _native.native_reason(device.type)
+    if not reason and not HAS_NATIVE_OP:
+        return "dbsam._C was built before channel_attention existed; rebuild it (pip install .)"
+    return reason
 
 
 def _cpu_reason(device: torch.device) -> str:
