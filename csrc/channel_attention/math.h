@@ -1,5 +1,5 @@
-// Scalar math shared by the CPU and CUDA kernels of channel_attention (erf GELU and its derivative),
-// so that the CPU tests exercise the same formulas the GPU runs.
+// Scalar math of the channel_attention kernels (erf GELU and its derivative), host- and
+// device-compilable. Used by cuda.cu; the CPU kernel calls ATen's vectorised GELU instead.
 #pragma once
 
 #include <math.h>

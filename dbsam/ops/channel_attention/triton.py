@@ -72,7 +72,7 @@ def _front(x, mean, rstd, g, be, wt, u, d_out, rowpart, nwb, block_w, block_c):
     K.dw_gelu_kernel[grid](x, mean, rstd, g, be, wt, u, d_out if d_out is not None else u,
                            rowpart if rowpart is not None else mean, H, W, C, nwb,
                            WRITE_D=d_out is not None, WRITE_SUM=rowpart is not None,
-                           BLOCK_W=block_w, BLOCK_C=block_c)
+                           BLOCK_W=block_w, BLOCK_C=block_c, num_warps=8)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -155,7 +155,8 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
         blk = 1024
         K.grad_pre_kernel[(triton_cdiv(total, blk),)](gv, dpre, s_c, gp, total, HW * C, C, 1.0 / HW, BLOCK=blk)
         K.dw_backward_kernel[(B * H, nwb, triton_cdiv(C, block_c))](
-            dpre, xc, mean, rstd, g, be, wt, gn, part, H, W, C, nwb, BLOCK_W=block_w, BLOCK_C=block_c)
+            dpre, xc, mean, rstd, g, be, wt, gn, part, H, W, C, nwb, BLOCK_W=block_w, BLOCK_C=block_c,
+            num_warps=8)
         bc_full = _next_pow2(C)
         bp = max(1, min(16, 4096 // bc_full))
         K.ln_backward_kernel[(triton_cdiv(P, bp),)](gn, xc, gyc, mean, rstd, g, gx, P, C, BLOCK_P=bp,
