@@ -13,7 +13,11 @@ Each benchmark records in extra_info the activation memory saved for backward (b
 tensors packed by autograd, measured with torch.autograd.graph.saved_tensors_hooks, excluding the
 parameters and x itself), the total saved bytes, one-pass bytes (B*H*W*C*itemsize) and GEMM GFLOP.
 GPU timings synchronise inside the timed function; pytest-benchmark warms up and reports the median.
+DBSAM_BENCH_THREADS=n sets torch's intra-op threads for the CPU runs (on a shared, oversubscribed
+machine, 1 gives stable numbers; OpenMP barriers make multi-threaded timings swing 10-100x there).
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +27,8 @@ from dbsam.ops import _backends
 from dbsam.ops.channel_attention import ChannelAttention, channel_attention_reference
 
 ON_GPU = torch.cuda.is_available()
+if os.environ.get("DBSAM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["DBSAM_BENCH_THREADS"]))
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 if ON_GPU:
