@@ -212,6 +212,9 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
     name = _backends._check_name(backend) if backend is not None else "auto"
     if name == "auto":
         name = _backends.resolve(OP, x.device)
+        if name == "triton" and x.dtype == torch.float64:  # the Triton kernels are float32-accumulating only
+            name = next(b for b in _backends.AUTO_ORDER
+                        if b != "triton" and not _backends.why_not(OP, b, x.device))
     else:
         reason = _backends.why_not(OP, name, x.device)
         if reason:
