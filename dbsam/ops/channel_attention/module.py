@@ -2,14 +2,22 @@
 
 Parameter names and shapes are those of the eager composition (LayerNorm `norm`, depthwise conv
 `dwconv` [C, 1, 3, 3], SE `se.fc1` [C/r, C, 1, 1] and `se.fc2` [C, C/r, 1, 1], pointwise `pwconv`
-[C, C, 1, 1]), so its state dict loads unchanged. Drop-path scales the branch per sample outside the
-fused computation (it is a per-sample multiply, free to fuse into the residual add later).
+[C, C, 1, 1]), so its state dict loads unchanged.
+
+Forward runs the fused op `dbsam.ops.channel_attention` (backend chosen by dbsam.ops' dispatch policy).
+Drop-path boundary: the op computes y = x + scale[b] * branch(x) with an optional per-sample
+`branch_scale` [B]; in training the module draws keep ~ Bernoulli(1 - p) per sample and passes
+keep / (1 - p). The kernels fold that factor into the 1x1 weight together with the SE gate, so
+stochastic depth costs no extra pass and no extra [B, H, W, C] tensor, and the residual stays fused
+into the GEMM. It is the same function as the eager `x + drop_path(branch(x))` (tested). `branch()`
+keeps the eager composition (reference) for inspection.
 """
 import math
 
 import torch
 from torch import nn
 
+from .op import channel_attention
 from .reference import channel_attention_branch_reference
 
 
@@ -54,4 +62,9 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, W, C] -> [B, H, W, C]."""
-        return x + drop_path(self.branch(x), self.drop_path, self.training)
+        scale = None
+        if self.training and self.drop_path > 0.0:
+            keep = torch.empty(x.shape[0], device=x.device, dtype=torch.float32).bernoulli_(1.0 - self.drop_path)
+            scale = keep / (1.0 - self.drop_path)
+        return channel_attention(x, self.norm.weight, self.norm.bias, self.dwconv.weight, self.se.fc1.weight,
+                                 self.se.fc2.weight, self.pwconv.weight, self.norm.eps, branch_scale=scale)

@@ -23,7 +23,11 @@ def channel_attention_branch_reference(x: torch.Tensor, ln_weight: torch.Tensor,
     return torch.einsum("bchw,oc->bhwo", h, pw_weight.flatten(1))
 
 
-def channel_attention_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps=1e-6):
-    """y = x + branch(x)."""
-    return x + channel_attention_branch_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
-                                                  pw_weight, eps)
+def channel_attention_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps=1e-6,
+                                branch_scale=None):
+    """y = x + branch(x), or x + branch_scale[b] * branch(x) (drop-path) with branch_scale [B]."""
+    branch = channel_attention_branch_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
+                                                pw_weight, eps)
+    if branch_scale is not None:
+        branch = branch * branch_scale.to(branch.dtype)[:, None, None, None]
+    return x + branch

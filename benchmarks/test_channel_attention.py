@@ -1,0 +1,173 @@
+"""Benchmarks of the channel-attention adapter y = x + PW1x1(SE(GELU(DW3x3(LN(x))))).
+
+    pytest benchmarks/test_channel_attention.py --benchmark-only [--benchmark-json out.json]
+
+GPU: (B, 64, 64, C) for B in 1, 8 and C in 768 (ViT-B) and 1024 (ViT-L), bf16 and fp32, forward and
+forward+backward, for every available dbsam backend, against eager PyTorch written NCHW as the
+original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager channels-last (the reference
+composition), and torch.compile(mode="max-autotune") of the eager composition (compiles once per
+shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file
+runs in well under a minute; compile is skipped there.
+
+Each benchmark records in extra_info the activation memory saved for backward (bytes of the unique
+tensors packed by autograd, measured with torch.autograd.graph.saved_tensors_hooks, excluding the
+parameters and x itself), the total saved bytes, one-pass bytes (B*H*W*C*itemsize) and GEMM GFLOP.
+GPU timings synchronise inside the timed function; pytest-benchmark warms up and reports the median.
+DBSAM_BENCH_THREADS=n sets torch's intra-op threads for the CPU runs (on a shared, oversubscribed
+machine, 1 gives stable numbers; OpenMP barriers make multi-threaded timings swing 10-100x there).
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dbsam.ops import _backends
+from dbsam.ops.channel_attention import ChannelAttention, channel_attention_reference
+
+ON_GPU = torch.cuda.is_available()
+if os.environ.get("DBSAM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["DBSAM_BENCH_THREADS"]))
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+if ON_GPU:
+    SHAPES = [(1, 64, 64, 768), (8, 64, 64, 768), (1, 64, 64, 1024), (8, 64, 64, 1024)]
+    DTYPES = [torch.bfloat16, torch.float32]
+else:
+    SHAPES = [(1, 32, 32, 192)]
+    DTYPES = [torch.float32]
+
+
+class EagerNCHW(nn.Module):
+    """The adapter as the original code writes it: LN channels-last, then permute to NCHW for the convs."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.se = nn.Module()
+        self.se.pool = nn.AdaptiveAvgPool2d(1)
+        self.se.fc1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.se.fc2 = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.pwconv = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x).permute(0, 3, 1, 2)
+        h = F.gelu(self.dwconv(h))
+        s = torch.sigmoid(self.se.fc2(F.gelu(self.se.fc1(self.se.pool(h)))))
+        return x + self.pwconv(h * s).permute(0, 2, 3, 1)
+
+
+class EagerChannelsLast(nn.Module):
+    def __init__(self, mod):
+        super().__init__()
+        self.m = mod
+
+    def forward(self, x):
+        m = self.m
+        return channel_attention_reference(x, m.norm.weight, m.norm.bias, m.dwconv.weight, m.se.fc1.weight,
+                                           m.se.fc2.weight, m.pwconv.weight, 1e-6)
+
+
+def _backend_impls():
+    names = []
+    for name in _backends.BACKENDS:
+        if name == "reference":
+            continue  # measured as "eager_channels_last"
+        reason = _backends.why_not("channel_attention", name, torch.device(DEVICE))
+        if name == "triton" and DEVICE == "cpu":
+            reason = reason or "the Triton interpreter is not a benchmark"
+        names.append(pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=reason or "")))
+    return names
+
+
+IMPLS = _backend_impls() + ["eager_nchw", "eager_channels_last", pytest.param(
+    "compile_max_autotune",
+    marks=pytest.mark.skipif(not ON_GPU, reason="torch.compile max-autotune is benchmarked on GPU only"))]
+
+_compiled = {}
+
+
+class _Dispatch(nn.Module):
+    def __init__(self, mod, backend):
+        super().__init__()
+        self.m, self.backend = mod, backend
+
+    def forward(self, x):
+        with _backends.use_backend(self.backend):
+            return self.m(x)
+
+
+def _build(impl, shape, dtype):
+    B, H, W, C = shape
+    torch.manual_seed(0)
+    base = ChannelAttention(C).to(DEVICE, dtype)
+    if impl in _backends.BACKENDS:
+        return _Dispatch(base, impl)
+    eager = EagerNCHW(C, base.se.fc1.weight.shape[0]).to(DEVICE, dtype)
+    eager.load_state_dict(base.state_dict(), strict=False)
+    if impl == "eager_nchw":
+        return eager
+    if impl == "eager_channels_last":
+        return EagerChannelsLast(base)
+    key = (shape, dtype)
+    if key not in _compiled:
+        torch._dynamo.reset()
+        _compiled[key] = torch.compile(EagerChannelsLast(base), mode="max-autotune")
+    return _compiled[key]
+
+
+def _saved_bytes(model, x):
+    """(activation bytes saved for backward excluding params and x, all saved bytes)."""
+    seen = {}
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    del y
+    total = sum(seen.values())
+    act = sum(n for ptr, n in seen.items() if ptr not in exclude)
+    return act, total
+
+
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_channel_attention(benchmark, shape, dtype, mode, impl):
+    model = _build(impl, shape, dtype)
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    B, H, W, C = shape
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                model(x)
+            _sync()
+    else:
+        xg = x.clone().requires_grad_()
+        gy = torch.randn_like(x)
+
+        def run():
+            model(xg).backward(gy)
+            _sync()
+
+        act, total = _saved_bytes(model, xg)
+        benchmark.extra_info["saved_activation_bytes"] = act
+        benchmark.extra_info["saved_total_bytes"] = total
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu",
+                                one_pass_bytes=B * H * W * C * x.element_size(),
+                                gemm_gflop=2 * B * H * W * C * C / 1e9)
+    run()  # first call: compilation / autotuning outside the timed rounds
+    rounds = 20 if ON_GPU else 5
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=3 if ON_GPU else 1, iterations=1)

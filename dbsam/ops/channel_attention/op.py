@@ -1,0 +1,224 @@
+"""channel_attention: input validation, the torch.library glue (fake kernels, autograd) and dispatch.
+
+The native schemas `dbsam::channel_attention_forward/backward` are declared in csrc/ops.cpp with CPU
+and CUDA kernels (csrc/channel_attention/); the Triton backend registers its own pair of ops
+(triton.py) through `register_autograd_for` below, so every backend shares one fake kernel and one
+autograd formula. The reference backend is plain PyTorch (autograd by PyTorch itself).
+
+Forward ops return (y, mean, rstd, pooled): the LN statistics [B, H, W] and the SE input [B, C], in
+float32 (float64 for a float64 x). The backward recomputes LN and the depthwise conv from x and these
+statistics, so the op saves no [B, H, W, C] activation of its own (x is the caller's tensor).
+"""
+from typing import Callable, Optional
+
+import torch
+
+from .. import _backends, _native
+from .reference import channel_attention_reference
+
+OP = "channel_attention"
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LOW = (torch.float16, torch.bfloat16)
+_WEIGHTS = ("ln_weight", "ln_bias", "dw_weight", "fc1_weight", "fc2_weight", "pw_weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: once, in Python, with messages that name the argument.
+
+def validate(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps) -> None:
+    tensors = (x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight)
+    for name, t in zip(("x",) + _WEIGHTS, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"channel_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool):
+        raise TypeError(f"channel_attention: eps must be a float, got {type(eps).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"channel_attention: x must be channels-last [B, H, W, C], got shape {tuple(x.shape)}")
+    B, H, W, C = x.shape
+    if H == 0 or W == 0 or C == 0:
+        raise ValueError(f"channel_attention: x must have positive H, W and C, got shape {tuple(x.shape)}")
+    if fc1_weight.dim() != 4 or fc1_weight.shape[1:] != (C, 1, 1) or fc1_weight.shape[0] == 0:
+        raise ValueError(f"channel_attention: fc1_weight must be [C/r, C, 1, 1] with C={C} (from x), "
+                         f"got shape {tuple(fc1_weight.shape)}")
+    R = fc1_weight.shape[0]
+    expected = {"ln_weight": (C,), "ln_bias": (C,), "dw_weight": (C, 1, 3, 3), "fc2_weight": (C, R, 1, 1),
+                "pw_weight": (C, C, 1, 1)}
+    for name, t in zip(_WEIGHTS, tensors[1:]):
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise ValueError(f"channel_attention: {name} must have shape {expected[name]} (C={C} from x, "
+                             f"C/r={R} from fc1_weight), got {tuple(t.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"channel_attention: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    for name, t in zip(_WEIGHTS, tensors[1:]):
+        if t.dtype != x.dtype and not (x.dtype in _LOW and t.dtype == torch.float32):
+            allowed = f"{x.dtype}" + (" or torch.float32" if x.dtype in _LOW else "")
+            raise TypeError(f"channel_attention: {name} must have x's dtype ({allowed}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"channel_attention: {name} is on {t.device} but x is on {x.device}; "
+                             "all inputs must be on one device")
+
+
+def weight_dtype(x_dtype: torch.dtype, weights) -> torch.dtype:
+    """One dtype for all weights: x's, or float32 when x is half/bfloat16 and any weight is float32
+    (AMP: master weights stay float32, the activations run in low precision)."""
+    if x_dtype in _LOW and any(w.dtype == torch.float32 for w in weights):
+        return torch.float32
+    return x_dtype
+
+
+def stat_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by every backend's ops.
+
+def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
+    B, H, W, C = x.shape
+    st = stat_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, H, W), dtype=st),
+            x.new_empty((B, H, W), dtype=st), x.new_empty((B, C), dtype=st))
+
+
+def fake_backward(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
+                  mean, rstd, pooled, eps):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, lw, lb, dw, f1, f2, pw, scale, eps = inputs
+    y, mean, rstd, pooled = output
+    ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, scale, mean, rstd, pooled)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, rstd, pooled)
+
+
+def register_autograd_for(forward_op: str, backward: Callable) -> None:
+    """Gives `forward_op` (a qualified op name) the autograd formula, with `backward(grad_y, x, ln_weight,
+    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, eps) -> 7
+    grads`."""
+
+    def _backward(ctx, grad_y, _gm, _gr, _gp):
+        saved = ctx.saved_tensors
+        grads = backward(grad_y.contiguous(), *saved, ctx.eps)
+        need = ctx.needs_input_grad
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None)
+
+    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+
+
+def _has_native_op() -> bool:
+    # A dbsam._C built before this op existed loads fine but lacks its schemas.
+    try:
+        torch.ops.dbsam.channel_attention_forward
+        torch.ops.dbsam.channel_attention_backward
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+HAS_NATIVE_OP = _native.HAS_NATIVE and _has_native_op()
+
+if HAS_NATIVE_OP:
+    torch.library.register_fake("dbsam::channel_attention_forward")(fake_forward)
+    torch.library.register_fake("dbsam::channel_attention_backward")(fake_backward)
+    register_autograd_for("dbsam::channel_attention_forward", torch.ops.dbsam.channel_attention_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends: what each needs, and how each is called.
+
+def _native_reason(device: torch.device) -> str:
+    if device.type not in ("cpu", "cuda"):
+        return f"no native kernel for {device.type} tensors"
+    reason = _native.native_reason(device.type)
+    if not reason and not HAS_NATIVE_OP:
+        return "dbsam._C was built before channel_attention existed; rebuild it (pip install .)"
+    return reason
+
+
+def _cpu_reason(device: torch.device) -> str:
+    return "the cpu backend runs CPU tensors only" if device.type != "cpu" else _native_reason(device)
+
+
+def _cuda_reason(device: torch.device) -> str:
+    return "the cuda backend runs CUDA tensors only" if device.type != "cuda" else _native_reason(device)
+
+
+def _triton_reason(device: torch.device) -> str:
+    from . import triton as triton_backend  # imported lazily: triton is optional
+
+    return triton_backend.unavailable_reason(device)
+
+
+_backends.register(OP, "cuda", _cuda_reason)
+_backends.register(OP, "triton", _triton_reason)
+_backends.register(OP, "cpu", _cpu_reason)
+_backends.register(OP, "reference", lambda device: "")
+
+
+def _run_native(*args):
+    return torch.ops.dbsam.channel_attention_forward(*args)[0]
+
+
+def _run_triton(*args):
+    from . import triton as triton_backend
+
+    return triton_backend.channel_attention_triton(*args)
+
+
+def _run_reference(x, lw, lb, dw, f1, f2, pw, scale, eps):
+    if x.dtype in _LOW:  # the definition, evaluated in float32 and rounded once
+        ws = (w.float() for w in (lw, lb, dw, f1, f2, pw))
+        return channel_attention_reference(x.float(), *ws, eps, branch_scale=scale).to(x.dtype)
+    return channel_attention_reference(x, lw, lb, dw, f1, f2, pw, eps, branch_scale=scale)
+
+
+_RUNNERS = {"cuda": _run_native, "cpu": _run_native, "triton": _run_triton, "reference": _run_reference}
+
+
+def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_weight: torch.Tensor,
+                      fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, pw_weight: torch.Tensor,
+                      eps: float = 1e-6, *, branch_scale: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """The DB-SAM channel-attention adapter: y = x + PW1x1(SE(GELU(DW3x3(LN(x))))).
+
+    x [B, H, W, C] channels-last (any strides; no permutes are made); ln_weight, ln_bias [C];
+    dw_weight [C, 1, 3, 3] (depthwise, padding 1, no bias); fc1_weight [C/r, C, 1, 1] and fc2_weight
+    [C, C/r, 1, 1] (SE: mean over H, W -> fc1 -> GELU -> fc2 -> sigmoid -> channel scale);
+    pw_weight [C, C, 1, 1]. GELU is the erf form; LN uses `eps`. Weights in x's dtype, or float32 with
+    a float16/bfloat16 x (statistics and accumulation are float32 either way). Returns y [B, H, W, C]
+    in x's dtype, differentiable in x and every weight.
+
+    `branch_scale` (optional [B], no gradient) multiplies the branch per sample before the residual
+    add: y = x + branch_scale[b] * branch. It is how drop-path runs fused (keep_b / (1 - p)); the kernels
+    fold it into the 1x1 weight with the SE gate, so it is free. `backend` overrides the dispatch
+    policy for this call (see dbsam.ops.use_backend).
+    """
+    validate(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps)
+    if branch_scale is not None:
+        if not isinstance(branch_scale, torch.Tensor):
+            raise TypeError(f"channel_attention: branch_scale must be a torch.Tensor or None, got "
+                            f"{type(branch_scale).__name__}")
+        if tuple(branch_scale.shape) != (x.shape[0],):
+            raise ValueError(f"channel_attention: branch_scale must be [B] = [{x.shape[0]}], "
+                             f"got shape {tuple(branch_scale.shape)}")
+        if not branch_scale.dtype.is_floating_point:
+            raise TypeError(f"channel_attention: branch_scale must be floating point, got {branch_scale.dtype}")
+        if branch_scale.device != x.device:
+            raise ValueError(f"channel_attention: branch_scale is on {branch_scale.device} but x is on {x.device}")
+        branch_scale = branch_scale.detach().to(stat_dtype(x.dtype))
+    name = _backends._check_name(backend) if backend is not None else "auto"
+    if name == "auto":
+        name = _backends.resolve(OP, x.device)
+        if name == "triton" and x.dtype == torch.float64:  # the Triton kernels are float32-accumulating only
+            name = next(b for b in _backends.AUTO_ORDER
+                        if b != "triton" and not _backends.why_not(OP, b, x.device))
+    else:
+        reason = _backends.why_not(OP, name, x.device)
+        if reason:
+            raise RuntimeError(f"channel_attention: backend {name!r} cannot run on {x.device}: {reason}")
+    weights = (ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight)
+    wdt = weight_dtype(x.dtype, weights)
+    return _RUNNERS[name](x, *(w.to(wdt) for w in weights), branch_scale, float(eps))

@@ -1,0 +1,270 @@
+"""channel_attention: parity of every backend available on CPU with the float64 reference, gradients,
+low precision, validation, the module (state dict, drop-path), opcheck and torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+import dbsam.ops as ops
+from dbsam.ops import _native
+from dbsam.ops.channel_attention import ChannelAttention, channel_attention, channel_attention_reference
+from dbsam.ops.channel_attention.op import stat_dtype
+
+from _ca_common import SHAPES, make_inputs, rel_err
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared, oversubscribed machine OpenMP
+    barriers make them 10-40x slower (gradcheck: 0.4 s on one thread, 17 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+needs_native = pytest.mark.skipif(not _native.HAS_NATIVE, reason=f"dbsam._C not built: {_native.LOAD_ERROR}")
+CPU_BACKENDS = ["reference", pytest.param("cpu", marks=needs_native)]
+
+
+def grads_of(fn, x, ws, scale=None, seed=1):
+    x = x.detach().requires_grad_()
+    ws = [w.detach().requires_grad_() for w in ws]
+    y = fn(x, *ws, branch_scale=scale)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, *ws], gy)
+    return y.detach(), grads
+
+
+def ref64(x, *ws, branch_scale=None):
+    return channel_attention_reference(x.double(), *(w.double() for w in ws), 1e-6,
+                                       branch_scale=None if branch_scale is None else branch_scale.double())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parity_with_float64_reference(backend, shape, dtype):
+    x, ws = make_inputs(*shape, dtype=dtype)
+    scale = torch.tensor([0.0, 2.0, 1.0, 1.5][: shape[0]], dtype=stat_dtype(dtype))
+    for sc in (None, scale):
+        y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend=backend), x, ws, sc)
+        y_ref, grads_ref = grads_of(ref64, x, ws, sc)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        assert y.dtype == dtype
+        assert rel_err(y, y_ref) < tol
+        for name, g, gr in zip(["x", "ln_w", "ln_b", "dw", "fc1", "fc2", "pw"], grads, grads_ref):
+            assert g.dtype == dtype and g.shape == gr.shape, name
+            assert rel_err(g, gr) < 10 * tol, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wdtype", ["same", torch.float32])
+def test_low_precision(backend, dtype, wdtype):
+    wdtype = dtype if wdtype == "same" else wdtype
+    x, ws = make_inputs(2, 7, 5, 24, 6, dtype=dtype, wdtype=wdtype)
+    y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend=backend), x, ws)
+    y_ref, grads_ref = grads_of(ref64, x, ws)  # the same (rounded) inputs, evaluated in float64
+    assert y.dtype == dtype
+    assert rel_err(y, y_ref) < 1e-2
+    for g, gr, w in zip(grads, grads_ref, [x, *ws]):
+        assert g.dtype == w.dtype
+        assert rel_err(g, gr) < 3e-2
+
+
+@needs_native
+def test_gradcheck_float64():
+    x, ws = make_inputs(2, 4, 3, 6, 2)
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, backend="cpu"), (x, *ws))
+    scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, branch_scale=scale, backend="cpu"), (x, *ws))
+
+
+@needs_native
+def test_gradgrad_not_required_but_first_order_exact_on_noncontiguous_x():
+    # channels-last views of an NCHW tensor (what x.permute(0, 2, 3, 1) gives) are accepted.
+    x, ws = make_inputs(2, 5, 4, 8, 2)
+    xv = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    assert not xv.is_contiguous()
+    assert rel_err(channel_attention(xv, *ws, backend="cpu"), ref64(x, *ws)) < 1e-12
+
+
+@needs_native
+def test_auto_picks_cpu_and_matches():
+    assert ops._backends.resolve("channel_attention", torch.device("cpu")) in ("cpu", "triton")
+    x, ws = make_inputs(1, 3, 3, 8, 2, dtype=torch.float32)
+    with ops.use_backend("reference"):
+        a = channel_attention(x, *ws)
+    assert rel_err(channel_attention(x, *ws), a) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+def _args(**over):
+    x, ws = make_inputs(2, 4, 3, 8, 2, dtype=torch.float32)
+    names = ["x", "ln_weight", "ln_bias", "dw_weight", "fc1_weight", "fc2_weight", "pw_weight"]
+    args = dict(zip(names, [x, *ws]))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("over, exc, word", [
+    (dict(x=torch.randn(2, 4, 8)), ValueError, "x"),
+    (dict(x=torch.randn(2, 4, 3, 9)), ValueError, "fc1_weight"),
+    (dict(ln_weight=torch.randn(9)), ValueError, "ln_weight"),
+    (dict(ln_bias=torch.randn(8, 1)), ValueError, "ln_bias"),
+    (dict(dw_weight=torch.randn(8, 1, 5, 5)), ValueError, "dw_weight"),
+    (dict(fc1_weight=torch.randn(2, 8)), ValueError, "fc1_weight"),
+    (dict(fc2_weight=torch.randn(8, 3, 1, 1)), ValueError, "fc2_weight"),
+    (dict(pw_weight=torch.randn(8, 8)), ValueError, "pw_weight"),
+    (dict(pw_weight=torch.randn(8, 8, 1, 1, device="meta")), ValueError, "pw_weight"),
+    (dict(x=torch.randn(2, 4, 3, 8, device="meta")), ValueError, "on meta"),
+    (dict(x=torch.randint(0, 3, (2, 4, 3, 8))), TypeError, "x"),
+    (dict(dw_weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), TypeError, "dw_weight"),
+    (dict(x=torch.randn(2, 4, 3, 8, dtype=torch.bfloat16), fc2_weight=torch.randn(8, 2, 1, 1, dtype=torch.float16)),
+     TypeError, "fc2_weight"),
+    (dict(x=[1.0]), TypeError, "x"),
+])
+def test_bad_inputs(backend, over, exc, word):
+    with pytest.raises(exc, match=word):
+        channel_attention(**_args(**over), backend=backend)
+
+
+def test_bad_branch_scale():
+    with pytest.raises(ValueError, match="branch_scale"):
+        channel_attention(**_args(), branch_scale=torch.ones(3))
+    with pytest.raises(TypeError, match="branch_scale"):
+        channel_attention(**_args(), branch_scale=torch.ones(2, dtype=torch.int64))
+
+
+@needs_native
+def test_native_checks_reject_bad_calls():
+    a = _args()
+    with pytest.raises(ValueError, match="pw_weight"):
+        torch.ops.dbsam.channel_attention_forward(a["x"], a["ln_weight"], a["ln_bias"], a["dw_weight"],
+                                                  a["fc1_weight"], a["fc2_weight"], torch.randn(8, 7, 1, 1),
+                                                  None, 1e-6)
+    with pytest.raises(TypeError, match="x must be"):
+        torch.ops.dbsam.channel_attention_forward(a["x"].int(), *list(a.values())[1:], None, 1e-6)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        channel_attention(**_args(), backend="nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# Module
+
+class EagerChannelAttention(nn.Module):
+    """The eager composition as the original code writes it (NCHW convs, permutes)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.se = nn.Module()
+        self.se.fc1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.se.fc2 = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.pwconv = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x).permute(0, 3, 1, 2)
+        h = nn.functional.gelu(self.dwconv(h))
+        s = h.mean((2, 3), keepdim=True)
+        s = torch.sigmoid(self.se.fc2(nn.functional.gelu(self.se.fc1(s))))
+        return x + self.pwconv(h * s).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_loads_eager_state_dict(backend):
+    torch.manual_seed(0)
+    eager = EagerChannelAttention(24, 6).double()
+    for p in eager.parameters():
+        nn.init.normal_(p, 0.0, 0.3)
+    mod = ChannelAttention(24).double()
+    assert {k: v.shape for k, v in mod.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
+    mod.load_state_dict(eager.state_dict(), strict=True)
+    x = torch.randn(2, 7, 5, 24, dtype=torch.float64)
+    with ops.use_backend(backend):
+        assert rel_err(mod(x), eager(x)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_drop_path_in_training(backend):
+    torch.manual_seed(0)
+    mod = ChannelAttention(16, drop_path=0.5).double()
+    x = torch.randn(8, 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    branch = mod.branch(x).detach()
+    with ops.use_backend(backend):
+        mod.train()
+        y = mod(x)
+        y.sum().backward()
+        kept = 0
+        for b in range(8):
+            if torch.allclose(y[b], x[b]):
+                assert torch.equal(x.grad[b], torch.ones_like(x.grad[b]))
+            else:
+                assert torch.allclose(y[b], x[b] + 2 * branch[b])
+                kept += 1
+        assert 0 < kept < 8  # with seed 0, some samples dropped and some kept
+        mod.eval()
+        assert torch.allclose(mod(x), x + branch)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+@needs_native
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_opcheck(with_scale):
+    x, ws = make_inputs(2, 4, 3, 8, 2, dtype=torch.float32)
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    scale = torch.tensor([0.0, 2.0]) if with_scale else None
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, scale, 1e-6))
+    y = torch.ops.dbsam.channel_attention_forward(x, *ws, scale, 1e-6)
+    gy = torch.randn_like(y[0])
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_backward.default,
+                          (gy, x.detach(), *(w.detach() for w in ws), scale, *y[1:], 1e-6))
+
+
+@pytest.mark.parametrize("backend, compiler", [("reference", "aot_eager"),
+                                               pytest.param("cpu", "aot_eager", marks=needs_native),
+                                               pytest.param("cpu", "inductor", marks=needs_native)])
+def test_compile_fullgraph(backend, compiler):
+    torch._dynamo.reset()
+    mod = ChannelAttention(16, drop_path=0.2)
+    x = torch.randn(2, 5, 4, 16, requires_grad=True)
+    with ops.use_backend(backend):
+        expect = mod.eval()(x)
+        compiled = torch.compile(mod, fullgraph=True, backend=compiler)
+        got = compiled(x)
+        got.sum().backward()
+        mod.train()
+        compiled(x).sum().backward()  # training graph with the drop-path draw
+    assert rel_err(got, expect) < 1e-6
+    assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Property test: random small shapes, every CPU backend against the float64 reference.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@needs_native
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 4), H=st.integers(1, 6), W=st.integers(1, 6), C=st.integers(1, 20),
+       r=st.floats(0.05, 1.0), seed=st.integers(0, 2 ** 16))
+def test_random_shapes_cpu(B, H, W, C, r, seed):
+    R = max(1, int(C * r))
+    x, ws = make_inputs(B, H, W, C, R, seed=seed)
+    y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    y_ref, grads_ref = grads_of(ref64, x, ws)
+    assert rel_err(y, y_ref) < 1e-12
+    for g, gr in zip(grads, grads_ref):
+        assert (g - gr).abs().max().item() <= 1e-10 * (1 + gr.abs().max().item())

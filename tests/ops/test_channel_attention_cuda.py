@@ -1,0 +1,114 @@
+"""channel_attention, CUDA backend (hand-written kernels in csrc/channel_attention/cuda.cu): parity
+with the float64 reference in every dtype, gradcheck, opcheck, drop-path scale, stream/device rules."""
+import pytest
+import torch
+
+from dbsam.ops import _native
+from dbsam.ops.channel_attention import channel_attention, channel_attention_reference
+
+from _ca_common import SHAPES, make_inputs, rel_err
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not _native.HAS_NATIVE_CUDA, reason="dbsam._C was built without CUDA kernels"),
+]
+
+BIG = [(2, 16, 70, 96, 24), (1, 64, 64, 768, 192), (3, 33, 17, 100, 25)]
+TOL = {torch.float64: (1e-12, 1e-11), torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-2, 3e-2),
+       torch.float16: (2e-3, 1e-2)}
+
+
+def _run(shape, dtype, wdtype=None, scale=None, backend="cuda"):
+    x, ws = make_inputs(*shape, dtype=dtype, wdtype=wdtype, device="cuda")
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    y = channel_attention(x, *ws, branch_scale=scale, backend=backend)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y)
+    grads = torch.autograd.grad(y, [x, *ws], gy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in ws]
+    yr = channel_attention_reference(x64, *w64, branch_scale=None if scale is None else scale.double())
+    gr = torch.autograd.grad(yr, [x64, *w64], gy.double())
+    return y, grads, yr, gr, [x, *ws]
+
+
+@pytest.mark.parametrize("shape", SHAPES + BIG, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_parity(shape, dtype):
+    if dtype == torch.float64 and shape[3] > 100:
+        pytest.skip("float64 on the small shapes only")
+    y, grads, yr, gr, ins = _run(shape, dtype)
+    tol, gtol = TOL[dtype]
+    assert y.dtype == dtype and y.device.type == "cuda"
+    assert rel_err(y, yr) < tol
+    for g, r, w in zip(grads, gr, ins):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g, r) < gtol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_amp_weights_float32(dtype):
+    y, grads, yr, gr, ins = _run((2, 16, 16, 64, 16), dtype, wdtype=torch.float32)
+    assert rel_err(y, yr) < TOL[dtype][0]
+    for g, r in zip(grads, gr):
+        assert rel_err(g, r) < TOL[dtype][1]
+
+
+def test_cuda_branch_scale():
+    scale = torch.tensor([0.0, 2.0, 1.25], device="cuda")
+    y, grads, yr, gr, _ = _run((3, 5, 6, 24, 6), torch.float32, scale=scale)
+    assert rel_err(y, yr) < 2e-6
+    for g, r in zip(grads, gr):
+        assert rel_err(g, r) < 2e-5
+
+
+def test_cuda_gradcheck():
+    x, ws = make_inputs(2, 4, 3, 6, 2, device="cuda")
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, backend="cuda"), (x, *ws))
+
+
+def test_cuda_opcheck():
+    x, ws = make_inputs(2, 4, 3, 8, 2, dtype=torch.float32, device="cuda")
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, None, 1e-6))
+
+
+def test_cuda_matches_cpu_kernel():
+    x, ws = make_inputs(2, 9, 7, 40, 10, dtype=torch.float32)
+    a = channel_attention(x, *ws, backend="cpu")
+    b = channel_attention(x.cuda(), *(w.cuda() for w in ws), backend="cuda")
+    assert rel_err(b.cpu(), a) < 2e-6
+
+
+def test_cuda_side_stream_and_device_index():
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    x, ws = make_inputs(2, 8, 8, 32, 8, dtype=torch.float32, device=dev)
+    ref = channel_attention_reference(x, *ws)
+    s = torch.cuda.Stream(device=dev)
+    with torch.cuda.device(0), torch.cuda.stream(s):
+        y = channel_attention(x, *ws, backend="cuda")
+    s.synchronize()
+    assert y.device == dev
+    assert rel_err(y, ref) < 2e-6
+
+
+def test_cuda_mixed_devices_rejected():
+    x, ws = make_inputs(1, 3, 3, 8, 2, dtype=torch.float32, device="cuda")
+    ws[2] = ws[2].cpu()
+    with pytest.raises(ValueError, match="dw_weight"):
+        channel_attention(x, *ws)
+
+
+def test_cuda_compile_fullgraph():
+    from dbsam.ops.channel_attention import ChannelAttention
+
+    torch._dynamo.reset()
+    mod = ChannelAttention(64, drop_path=0.1).cuda()
+    x = torch.randn(2, 16, 16, 64, device="cuda", requires_grad=True)
+    compiled = torch.compile(mod, fullgraph=True)
+    compiled(x).sum().backward()
+    mod.eval()
+    assert rel_err(compiled(x), mod(x)) < 1e-6
