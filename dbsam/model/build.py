@@ -61,9 +61,10 @@ def _read(path: PathLike, what: str, missing_hint: str = "") -> Any:
                 f"refusing to load {path!r}: it holds pickled Python objects beyond tensors and plain "
                 "containers, which could run code when loaded. Re-save it as a plain state dict of tensors "
                 f"(torch.save(model.state_dict(), ...)). Loader said: {str(exc).splitlines()[0]}") from exc
-        raise CheckpointError(f"{path!r}: truncated or not a torch file ({str(exc).splitlines()[0]})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path!r}: truncated or not a torch file ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path!r}: truncated or not a torch file ({(str(exc).splitlines() or [''])[0]})") from exc
+    except Exception as exc:  # the unpickler fails on garbage in many ways (KeyError, EOFError, RuntimeError...)
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{path!r}: truncated or not a torch file ({type(exc).__name__}: {first})") from exc
 
 
 def _as_state_dict(obj: Any, path: PathLike) -> Mapping[str, torch.Tensor]:
