@@ -95,6 +95,11 @@ class DBSAMPredictor:
         if self.features is None:
             raise RuntimeError("call set_image(image) before predict(boxes)")
         b = self.transform_boxes(boxes)
+        if b.shape[0] == 0:
+            H, W = self.original_size
+            s = self.model.config.img_size // 4
+            return Prediction(torch.zeros(0, H, W, dtype=torch.bool, device=self.device),
+                              torch.zeros(0, device=self.device), torch.zeros(0, s, s, device=self.device))
         was_training = self.model.training
         self.model.eval()
         masks, scores, lows = [], [], []
@@ -106,11 +111,6 @@ class DBSAMPredictor:
                 lows.append(low[0])
         finally:
             self.model.train(was_training)
-        if not masks:
-            H, W = self.original_size
-            s = self.model.config.img_size // 4
-            return Prediction(torch.zeros(0, H, W, dtype=torch.bool, device=self.device),
-                              torch.zeros(0, device=self.device), torch.zeros(0, s, s, device=self.device))
         return Prediction(torch.cat(masks), torch.cat(scores), torch.cat(lows))
 
     def postprocess(self, low_res: torch.Tensor) -> torch.Tensor:
