@@ -6,7 +6,7 @@ cross-attention between them, and a new LayerNorm + the fusion before the neck. 
 channels-last [B, H, W, C] throughout, which is what SAM's blocks and `ChannelAttention` take.
 """
 from functools import partial
-from typing import List, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,3 @@ def run_neck(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         x = layer_norm_2d_fp32(layer, x) if isinstance(layer, LayerNorm2d) else layer(x)
     return x
 
-
-def frozen_parts(encoder: ImageEncoderViT) -> Sequence[nn.Module]:
-    return (encoder.patch_embed, encoder.blocks)

@@ -179,3 +179,11 @@ def test_dbsam_checkpoint_warns_without_or_with_other_sam(sam_file, tmp_path, ti
         load_dbsam(ckpt)
     with pytest.warns(UserWarning, match="other frozen SAM weights"):
         load_dbsam(ckpt, sam_checkpoint=sam_path)
+
+
+def test_safetensors_sam_checkpoint(sam_file, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    _, state = sam_file
+    path = tmp_path / "sam_tiny.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert_sam_parts_equal(build_dbsam("tiny", checkpoint=path), state)
