@@ -53,8 +53,8 @@ def _read(path: PathLike, what: str, missing_hint: str = "") -> Any:
         magic = f.read(4)
     if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path!r}: truncated or not a torch file (a zip archive without its central directory)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: a multi-GB ViT-H file is not read into memory twice
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic == b"PK\x03\x04")
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             raise CheckpointError(
@@ -114,6 +114,8 @@ def load_sam_weights(model: DBSAM, state: Mapping[str, torch.Tensor], source: st
         raise CheckpointError(f"{source} does not match the SAM parts of this DB-SAM{hint}: "
                               f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                               f"{len(mismatched)} with other shapes {mismatched[:3]}")
+    if model.pixel_mean.device.type == "meta":
+        raise ValueError("cannot load weights into a model built on the meta device: build it on cpu or cuda")
     own = model.state_dict()
     with torch.no_grad():
         for k in expected:
@@ -173,6 +175,8 @@ def load_trainable(model: DBSAM, state: Mapping[str, torch.Tensor], source: str 
         raise CheckpointError(f"{source} does not match this model's trainable parts: {len(missing)} missing "
                               f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                               f"{len(mismatched)} with other shapes {mismatched[:3]}")
+    if model.pixel_mean.device.type == "meta":
+        raise ValueError("cannot load weights into a model built on the meta device: build it on cpu or cuda")
     own = model.state_dict()
     with torch.no_grad():
         for k in expected:
