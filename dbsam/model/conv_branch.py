@@ -68,6 +68,14 @@ class ConvBranch(nn.Module):
         self.levels = nn.ModuleList(ConvBlock(cfg.embed_dim, cfg.conv_widths, strides) for _, strides in self.plan)
         self.level_embed = nn.Parameter(torch.zeros(len(self.plan), cfg.embed_dim)) if len(self.plan) > 1 else None
 
+    def output_sizes(self) -> List[Tuple[int, int]]:
+        """(h, w) of each level (a 3x3 conv, padding 1, stride s: ceil(n / s))."""
+        sizes = []
+        for size, (s1, s2) in self.plan:
+            n = -(-(-(-size // s1)) // s2)
+            sizes.append((n, n))
+        return sizes
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """x (B, 3, S, S) normalised -> F_s: L_s maps [B, h, w, C]."""
         maps = []

@@ -9,7 +9,7 @@ branch: L_s maps). Every query map attends from its pixel centres ((j+0.5)/w, (i
 order, shared by every value level. Two blocks a stage: ViT <- conv (n_levels = L_s) and conv <- ViT
 (n_levels = 1).
 """
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,20 @@ def pixel_centres(sizes: Sequence[Tuple[int, int]], device: torch.device) -> tor
                               (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w, indexing="ij")
         points.append(torch.stack([x, y], -1).reshape(-1, 2))
     return torch.cat(points, 0)[None, :, None, :]
+
+
+class MapGeometry(NamedTuple):
+    """A set of maps' reference points (as queries) and level layout (as values). DB-SAM keeps them
+    as buffers, fixed by its config, so that no forward builds tensors on the host (each would be a
+    host-to-device copy, i.e. a sync, on CUDA)."""
+    ref: torch.Tensor          # [1, sum(h*w), 1, 2] fp32 pixel centres (x, y)
+    shapes: torch.Tensor       # [L, 2] int64
+    starts: torch.Tensor       # [L] int64
+
+
+def map_geometry(sizes: Sequence[Tuple[int, int]], device: Optional[torch.device] = None) -> MapGeometry:
+    device = device or torch.device("cpu")
+    return MapGeometry(pixel_centres(sizes, device), *level_layout(sizes, device))
 
 
 def flatten_maps(maps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
@@ -62,11 +76,17 @@ class CrossAttentionBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FFN(dim, ffn_ratio, dropout)
 
-    def forward(self, queries: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, queries: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                query_geometry: Optional[MapGeometry] = None,
+                value_geometry: Optional[MapGeometry] = None) -> List[torch.Tensor]:
+        """queries, values: lists of maps [B, h, w, C]; their geometries (computed when not given).
+        Returns the updated query maps."""
         q, q_sizes = flatten_maps(queries)
         v, v_sizes = flatten_maps(values)
-        shapes, starts = level_layout(v_sizes, q.device)
-        ref = pixel_centres(q_sizes, q.device).expand(q.shape[0], -1, -1, -1)
+        if value_geometry is None:
+            value_geometry = map_geometry(v_sizes, q.device)
+        ref = (query_geometry or map_geometry(q_sizes, q.device)).ref.expand(q.shape[0], -1, -1, -1)
+        shapes, starts = value_geometry.shapes, value_geometry.starts
 
         a = self.attn(self.query_norm(q), ref, self.value_norm(v), shapes, starts)
         x = q + self.drop_path(self.dropout(a))
@@ -83,7 +103,10 @@ class BilateralCrossAttention(nn.Module):
         self.vit_from_conv = CrossAttentionBlock(dim, conv_levels, n_heads, n_points, ffn_ratio, dropout, drop_path)
         self.conv_from_vit = CrossAttentionBlock(dim, 1, n_heads, n_points, ffn_ratio, dropout, drop_path)
 
-    def forward(self, f_d: torch.Tensor, f_s: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        f_d_new = self.vit_from_conv(queries=[f_d], values=f_s)[0]   # F_d' = CrossAttn_vit(F_d, F_s)
-        f_s = self.conv_from_vit(queries=f_s, values=[f_d])          # F_s uses F_d before the update
+    def forward(self, f_d: torch.Tensor, f_s: List[torch.Tensor], vit_geometry: Optional[MapGeometry] = None,
+                conv_geometry: Optional[MapGeometry] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        # F_d' = CrossAttn_vit(query=F_d, value=F_s)
+        f_d_new = self.vit_from_conv([f_d], f_s, vit_geometry, conv_geometry)[0]
+        # F_s = CrossAttn_conv(query=F_s, value=F_d), with F_d before its update
+        f_s = self.conv_from_vit(f_s, [f_d], conv_geometry, vit_geometry)
         return f_d_new, f_s

@@ -26,7 +26,7 @@ from dbsam.ops import ChannelAttention
 
 from .config import DBSAMConfig
 from .conv_branch import ConvBranch, LevelMerge
-from .cross_attention import BilateralCrossAttention
+from .cross_attention import BilateralCrossAttention, MapGeometry, map_geometry
 from .fusion import ViTConvFusion
 from .vit_branch import build_image_encoder, embed, run_block, run_neck, stage_ranges
 
@@ -92,6 +92,17 @@ class DBSAM(nn.Module):
                                     pool=cfg.fusion_pool)
         self.norm = nn.LayerNorm(C, eps=1e-6)  # the new LayerNorm before SAM's neck
 
+        # Pixel-centre reference points and level layouts of the ViT map and the conv maps, fixed by the
+        # config. Reference points are stored as integers (2j+1, 2w) so model.to(bf16) cannot round them.
+        for which, sizes in (("vit", [(grid, grid)]), ("conv", self.conv_branch.output_sizes())):
+            geo = map_geometry(sizes)
+            den = torch.tensor([[w, h] for h, w in sizes for _ in range(h * w)], dtype=torch.int64) * 2
+            self.register_buffer(f"{which}_ref_num", torch.round(geo.ref[0, :, 0] * den).to(torch.int64),
+                                 persistent=False)
+            self.register_buffer(f"{which}_ref_den", den, persistent=False)
+            self.register_buffer(f"{which}_shapes", geo.shapes, persistent=False)
+            self.register_buffer(f"{which}_starts", geo.starts, persistent=False)
+
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
         self.grad_checkpointing = cfg.grad_checkpointing
@@ -107,17 +118,24 @@ class DBSAM(nn.Module):
             return [(b, self.channel_attention[b]) for b in blocks]
         return [(b, None) for b in blocks[:-1]] + [(blocks[-1], self.channel_attention[s])]
 
+    def geometry(self, which: str) -> MapGeometry:
+        """MapGeometry of the "vit" or "conv" maps, from the buffers (no host tensors)."""
+        num, den = getattr(self, f"{which}_ref_num"), getattr(self, f"{which}_ref_den")
+        ref = (num.to(torch.float32) / den.to(torch.float32))[None, :, None, :]
+        return MapGeometry(ref, getattr(self, f"{which}_shapes"), getattr(self, f"{which}_starts"))
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, S, S) normalised and padded -> image embedding (B, 256, S/16, S/16)."""
         vit = self.image_encoder
         f_d = embed(vit, x)                                           # (B, 64, 64, C), frozen
         f_s = self.conv_branch(x)                                     # L_s maps (B, h, w, C)
+        vit_geo, conv_geo = self.geometry("vit"), self.geometry("conv")
         for s in range(len(self.stages)):
             for b, adapter in self.adapters_of_stage(s):
                 f_d = run_block(vit.blocks[b], f_d, self.grad_checkpointing)
                 if adapter is not None:
                     f_d = adapter(f_d)                                # channel attention, Eq. 1
-            f_d, f_s = self.cross_attention[s](f_d, f_s)              # bilateral cross-attention
+            f_d, f_s = self.cross_attention[s](f_d, f_s, vit_geo, conv_geo)   # bilateral cross-attention
         f = self.fusion(f_d, self.merge(f_s))                         # ViT-Conv fusion, Eq. 2
         return run_neck(vit.neck, self.norm(f))                       # SAM neck(LayerNorm(F))
 

@@ -105,3 +105,18 @@ def test_preprocess_pads_like_sam(tiny):
     assert x.shape == (1, 3, 128, 128)
     assert (x[..., 100:, :] == 0).all()
     torch.testing.assert_close(x[0, :, 0, 0], (255.0 - tiny.pixel_mean.flatten()) / tiny.pixel_std.flatten())
+
+
+@pytest.mark.parametrize("pyramid", ["single", "multiscale"])
+def test_geometry_buffers_match_the_maps(pyramid, tiny_batch):
+    from dbsam.model.cross_attention import map_geometry
+
+    m = build_dbsam("tiny", conv_pyramid=pyramid)
+    sizes = [tuple(t.shape[1:3]) for t in m.conv_branch(tiny_batch[0])]
+    assert m.conv_branch.output_sizes() == sizes
+    for which, s in (("vit", [(m.config.grid, m.config.grid)]), ("conv", sizes)):
+        want, got = map_geometry(s), m.geometry(which)
+        assert torch.equal(got.ref, want.ref) and torch.equal(got.shapes, want.shapes)
+        assert torch.equal(got.starts, want.starts)
+    m.to(torch.bfloat16)  # integer buffers: the reference points survive a dtype cast exactly
+    assert torch.equal(m.geometry("conv").ref, map_geometry(sizes).ref)
