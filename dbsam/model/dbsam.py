@@ -94,14 +94,13 @@ class DBSAM(nn.Module):
 
         # Pixel-centre reference points and level layouts of the ViT map and the conv maps, fixed by the
         # config. Reference points are stored as integers (2j+1, 2w) so model.to(bf16) cannot round them.
+        cpu, here = torch.device("cpu"), torch.empty(0).device  # computed on the host, then where the model is built
         for which, sizes in (("vit", [(grid, grid)]), ("conv", self.conv_branch.output_sizes())):
-            geo = map_geometry(sizes)
-            den = torch.tensor([[w, h] for h, w in sizes for _ in range(h * w)], dtype=torch.int64) * 2
-            self.register_buffer(f"{which}_ref_num", torch.round(geo.ref[0, :, 0] * den).to(torch.int64),
-                                 persistent=False)
-            self.register_buffer(f"{which}_ref_den", den, persistent=False)
-            self.register_buffer(f"{which}_shapes", geo.shapes, persistent=False)
-            self.register_buffer(f"{which}_starts", geo.starts, persistent=False)
+            geo = map_geometry(sizes, cpu)
+            den = torch.tensor([[w, h] for h, w in sizes for _ in range(h * w)], dtype=torch.int64, device=cpu) * 2
+            num = torch.round(geo.ref[0, :, 0] * den).to(torch.int64)
+            for name, t in (("ref_num", num), ("ref_den", den), ("shapes", geo.shapes), ("starts", geo.starts)):
+                self.register_buffer(f"{which}_{name}", t.to(here), persistent=False)
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
