@@ -28,7 +28,7 @@ from .config import DBSAMConfig
 from .conv_branch import ConvBranch, LevelMerge
 from .cross_attention import BilateralCrossAttention, MapGeometry, map_geometry
 from .fusion import ViTConvFusion
-from .vit_branch import build_image_encoder, embed, run_block, run_neck, stage_ranges
+from .vit_branch import build_image_encoder, embed, norms_in_fp32, run_block, run_neck, stage_ranges
 
 # Parts of the model, by parameter-name prefix, and whether they train (docs/model.md).
 PARTS: Tuple[Tuple[str, str, bool], ...] = (
@@ -73,6 +73,8 @@ class DBSAM(nn.Module):
             transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
                                           mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads),
             transformer_dim=cfg.prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+        for sam_part in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
+            norms_in_fp32(sam_part)  # SAM's LayerNorm2d in fp32 under autocast; same names and weights
 
         # ViT branch: stages of frozen blocks, each followed by channel attention (Eq. 1).
         self.stages = stage_ranges(cfg.depth, cfg.num_stages)

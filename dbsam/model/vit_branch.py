@@ -58,17 +58,25 @@ def run_block(block: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> to
     return block(x)
 
 
-def layer_norm_2d_fp32(norm: LayerNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """SAM's LayerNorm2d (over channels of (B, C, H, W)), computed in float32 whatever autocast does."""
-    y = F.layer_norm(x.permute(0, 2, 3, 1).float(), (x.shape[1],), norm.weight.float(), norm.bias.float(), norm.eps)
-    return y.permute(0, 3, 1, 2).to(x.dtype)
+class LayerNorm2dFP32(LayerNorm2d):
+    """SAM's LayerNorm2d (over the channels of (B, C, H, W)) computed in float32 whatever autocast
+    does: SAM's hand-written version would run in bf16 under autocast. Same parameters and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1).float(), (x.shape[1],), self.weight.float(), self.bias.float(),
+                         self.eps)
+        return y.permute(0, 3, 1, 2).to(x.dtype)
+
+
+def norms_in_fp32(module: nn.Module) -> nn.Module:
+    """Turn every LayerNorm2d inside `module` (SAM's neck, mask decoder, prompt encoder) into
+    LayerNorm2dFP32, in place, keeping its parameters (and so the state-dict keys)."""
+    for m in module.modules():
+        if type(m) is LayerNorm2d:
+            m.__class__ = LayerNorm2dFP32
+    return module
 
 
 def run_neck(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """SAM's neck (1x1 conv, LN2d, 3x3 conv, LN2d) on channels-last tokens -> (B, out, H, W), with
-    its norms in float32 (under bf16 autocast SAM's hand-written LayerNorm2d would run in bf16)."""
-    x = x.permute(0, 3, 1, 2)
-    for layer in neck:
-        x = layer_norm_2d_fp32(layer, x) if isinstance(layer, LayerNorm2d) else layer(x)
-    return x
-
+    """SAM's neck (1x1 conv, LN2d, 3x3 conv, LN2d) on channels-last tokens -> (B, out, H, W)."""
+    return neck(x.permute(0, 3, 1, 2))

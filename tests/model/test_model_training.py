@@ -62,6 +62,12 @@ def test_gradient_checkpointing_same_gradients(tiny, tiny_batch):
 
 
 def test_bf16_autocast(tiny, tiny_batch):
+    from segment_anything.modeling.common import LayerNorm2d
+
+    from dbsam.model.vit_branch import LayerNorm2dFP32
+
+    norms = [m for m in tiny.modules() if isinstance(m, LayerNorm2d)]
+    assert len(norms) >= 3 and all(type(m) is LayerNorm2dFP32 for m in norms)  # SAM's neck/decoder norms in fp32
     images, boxes = tiny_batch
     tiny.eval()
     with torch.no_grad():
