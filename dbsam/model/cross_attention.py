@@ -9,7 +9,7 @@ branch: L_s maps). Every query map attends from its pixel centres ((j+0.5)/w, (i
 order, shared by every value level. Two blocks a stage: ViT <- conv (n_levels = L_s) and conv <- ViT
 (n_levels = 1).
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +41,27 @@ class MapGeometry(NamedTuple):
 def map_geometry(sizes: Sequence[Tuple[int, int]], device: Optional[torch.device] = None) -> MapGeometry:
     device = device or torch.device("cpu")
     return MapGeometry(pixel_centres(sizes, device), *level_layout(sizes, device))
+
+
+GEOMETRY_BUFFERS = ("ref_num", "ref_den", "shapes", "starts")
+
+
+def geometry_buffers(sizes: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+    """A MapGeometry as int64 tensors, for a model's buffers: the reference points as numerator
+    (2j+1, 2i+1) and denominator (2w, 2h), so that model.to(torch.bfloat16) cannot round them.
+    Made on the host, returned on the default device (meta included)."""
+    cpu = torch.device("cpu")
+    geo = map_geometry(sizes, cpu)
+    den = 2 * torch.tensor([[w, h] for h, w in sizes for _ in range(h * w)], dtype=torch.int64, device=cpu)
+    num = torch.round(geo.ref[0, :, 0] * den).to(torch.int64)
+    here = torch.empty(0).device
+    return {name: t.to(here) for name, t in zip(GEOMETRY_BUFFERS, (num, den, geo.shapes, geo.starts))}
+
+
+def geometry_from_buffers(ref_num: torch.Tensor, ref_den: torch.Tensor, shapes: torch.Tensor,
+                          starts: torch.Tensor) -> MapGeometry:
+    ref = ref_num.to(torch.float32) / ref_den.to(torch.float32)
+    return MapGeometry(ref[None, :, None, :], shapes, starts)
 
 
 def flatten_maps(maps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:

@@ -26,7 +26,8 @@ from dbsam.ops import ChannelAttention
 
 from .config import DBSAMConfig
 from .conv_branch import ConvBranch, LevelMerge
-from .cross_attention import BilateralCrossAttention, MapGeometry, map_geometry
+from .cross_attention import (GEOMETRY_BUFFERS, BilateralCrossAttention, MapGeometry, geometry_buffers,
+                              geometry_from_buffers)
 from .fusion import ViTConvFusion
 from .vit_branch import build_image_encoder, embed, norms_in_fp32, run_block, run_neck, stage_ranges
 
@@ -94,15 +95,11 @@ class DBSAM(nn.Module):
                                     pool=cfg.fusion_pool)
         self.norm = nn.LayerNorm(C, eps=1e-6)  # the new LayerNorm before SAM's neck
 
-        # Pixel-centre reference points and level layouts of the ViT map and the conv maps, fixed by the
-        # config. Reference points are stored as integers (2j+1, 2w) so model.to(bf16) cannot round them.
-        cpu, here = torch.device("cpu"), torch.empty(0).device  # computed on the host, then where the model is built
+        # Pixel-centre reference points and level layouts of the ViT map and of the conv maps: fixed by
+        # the config, kept as integer buffers (see geometry_buffers).
         for which, sizes in (("vit", [(grid, grid)]), ("conv", self.conv_branch.output_sizes())):
-            geo = map_geometry(sizes, cpu)
-            den = torch.tensor([[w, h] for h, w in sizes for _ in range(h * w)], dtype=torch.int64, device=cpu) * 2
-            num = torch.round(geo.ref[0, :, 0] * den).to(torch.int64)
-            for name, t in (("ref_num", num), ("ref_den", den), ("shapes", geo.shapes), ("starts", geo.starts)):
-                self.register_buffer(f"{which}_{name}", t.to(here), persistent=False)
+            for name, t in geometry_buffers(sizes).items():
+                self.register_buffer(f"{which}_{name}", t, persistent=False)
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
@@ -121,9 +118,7 @@ class DBSAM(nn.Module):
 
     def geometry(self, which: str) -> MapGeometry:
         """MapGeometry of the "vit" or "conv" maps, from the buffers (no host tensors)."""
-        num, den = getattr(self, f"{which}_ref_num"), getattr(self, f"{which}_ref_den")
-        ref = (num.to(torch.float32) / den.to(torch.float32))[None, :, None, :]
-        return MapGeometry(ref, getattr(self, f"{which}_shapes"), getattr(self, f"{which}_starts"))
+        return geometry_from_buffers(*(getattr(self, f"{which}_{name}") for name in GEOMETRY_BUFFERS))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, S, S) normalised and padded -> image embedding (B, 256, S/16, S/16)."""
@@ -143,8 +138,7 @@ class DBSAM(nn.Module):
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """embeddings (B, 256, h, w); boxes (B, 4) or (B, K, 4) XYXY in the input frame (S x S).
         Returns low-res logits (B, 1 or K, 4h, 4w) and predicted IoU (B, 1 or K)."""
-        single = boxes.dim() == 2
-        boxes = boxes[:, None] if single else boxes
+        boxes = boxes[:, None] if boxes.dim() == 2 else boxes
         if boxes.shape[0] != embeddings.shape[0] or boxes.shape[-1] != 4:
             raise ValueError(f"boxes must be (B, 4) or (B, K, 4) with B = {embeddings.shape[0]}, "
                              f"got {tuple(boxes.shape)}")
