@@ -80,3 +80,19 @@ def test_parts_cover_every_parameter(tiny):
     assert sum(any(n.startswith(prefix) for _, prefix, _ in PARTS) for n in names) == len(names)
     table = tiny.parameter_table()
     assert "| **total** |" in table and "channel_attention" in table
+
+
+def test_config_plain_data_round_trip():
+    from dbsam.model import DBSAMConfig
+
+    cfg = DBSAMConfig(conv_pyramid="multiscale", global_attn_indexes=(1, 3))
+    data = cfg.to_dict()
+    assert DBSAMConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}) == cfg
+    with pytest.raises(ValueError, match="unknown DB-SAM config keys"):
+        DBSAMConfig.from_dict(dict(data, extra=1))
+    with pytest.raises(TypeError, match="unknown DB-SAM option"):
+        build_dbsam("tiny", embed_dims=32)
+    with pytest.raises(ValueError, match="conv_pyramid"):
+        build_dbsam("tiny", conv_pyramid="fpn")
+    with pytest.raises(KeyError, match="unknown DB-SAM variant"):
+        build_dbsam("vit_s")
