@@ -1,0 +1,172 @@
+"""DB-SAM end to end: forward and training step, fast ops vs reference ops.
+
+GPU: ViT-B at 1024 x 1024, batch 1, 2, 4; forward (no grad) and training step (forward, Dice + BCE
+on the low-res logits, backward, AdamW step), each with the fast ops (`auto`: cuda -> triton) and
+the pure-PyTorch reference ops; plus gradient checkpointing and bf16 autocast variants with the
+fast ops. Peak memory (torch.cuda.max_memory_allocated over the timed rounds) goes into
+`extra_info`. CPU: the `tiny` config, fast (C++ cpu kernels) vs reference.
+
+    pytest benchmarks/test_model.py --benchmark-columns=median,iqr --benchmark-group-by=group
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("segment_anything")
+
+import dbsam.ops  # noqa: E402
+from dbsam.model import build_dbsam  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not ON_GPU, reason="ViT-B at 1024 needs a CUDA device; on CPU the tiny config is benchmarked")
+GPU_ROUNDS = int(os.environ.get("DBSAM_BENCH_ROUNDS", "5"))
+BACKENDS = ("auto", "reference")  # auto = the fast ops this machine has
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolved_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    try:
+        return dbsam.ops._backends.resolve("ms_deform_attn", device)
+    except Exception:  # report only
+        return "auto"
+
+
+def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    prob = logits.sigmoid()
+    inter = (prob * target).sum((-2, -1))
+    dice = 1 - (2 * inter + 1) / (prob.sum((-2, -1)) + target.sum((-2, -1)) + 1)
+    return dice.mean() + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
+def make_inputs(model, batch: int, device: torch.device):
+    S = model.config.img_size
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    images = torch.randn(batch, 3, S, S, generator=g).to(device)
+    lo = torch.rand(batch, 2, generator=g) * S * 0.4
+    boxes = torch.cat([lo, lo + S * 0.4], 1).to(device)
+    target = (torch.rand(batch, 1, S // 4, S // 4, generator=g) > 0.5).float().to(device)
+    return images, boxes, target
+
+
+def bench(benchmark, model, batch: int, mode: str, backend: str, device: torch.device, rounds: int,
+          grad_checkpointing: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    images, boxes, target = make_inputs(model, batch, device)
+    model.set_grad_checkpointing(grad_checkpointing)
+
+    def amp():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    if mode == "forward":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), amp():
+                model(images, boxes)
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                low, _ = model(images, boxes)
+            dice_bce(low, target).backward()
+            opt.step()
+
+    def timed():
+        step()
+        sync(device)
+
+    with dbsam.ops.use_backend(backend):
+        timed()  # warm-up outside the peak-memory window: kernels, allocator, optimiser state
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    model.zero_grad(set_to_none=True)
+
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        config=model.config.embed_dim, img_size=model.config.img_size, batch=batch, mode=mode,
+        backend=resolved_backend(backend, device), grad_checkpointing=grad_checkpointing, dtype=str(dtype))
+    if device.type == "cuda":
+        benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: ViT-B at 1024
+
+@pytest.fixture(scope="module")
+def vit_b():
+    if not ON_GPU:
+        pytest.skip("needs a CUDA device")
+    model = build_dbsam("vit_b").cuda()
+    yield model
+    del model
+    torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_vit_b_forward(benchmark, vit_b, batch, backend):
+    benchmark.group = f"vit_b forward batch {batch}"
+    bench(benchmark, vit_b, batch, "forward", backend, torch.device("cuda"), GPU_ROUNDS)
+
+
+@gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_vit_b_train_step(benchmark, vit_b, batch, backend):
+    benchmark.group = f"vit_b train step batch {batch}"
+    bench(benchmark, vit_b, batch, "train", backend, torch.device("cuda"), GPU_ROUNDS)
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_vit_b_train_step_grad_checkpointing(benchmark, vit_b, batch):
+    benchmark.group = f"vit_b train step batch {batch}"
+    bench(benchmark, vit_b, batch, "train", "auto", torch.device("cuda"), GPU_ROUNDS, grad_checkpointing=True)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_vit_b_bf16_autocast(benchmark, vit_b, batch, mode):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    benchmark.group = f"vit_b {'forward' if mode == 'forward' else 'train step'} batch {batch}"
+    bench(benchmark, vit_b, batch, mode, "auto", torch.device("cuda"), GPU_ROUNDS, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: tiny
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_dbsam("tiny")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_tiny_cpu(benchmark, tiny, mode, backend):
+    benchmark.group = f"tiny cpu {mode}"
+    bench(benchmark, tiny, 2, mode, backend, torch.device("cpu"), rounds=5)
+
+
+@pytest.mark.parametrize("variant", ["grad_checkpointing", "bf16"])
+def test_tiny_cpu_train_variants(benchmark, tiny, variant):
+    """The GPU variants' code paths, cheaply (bf16 on CPU is emulated: slow, not a speed figure)."""
+    benchmark.group = "tiny cpu train"
+    bench(benchmark, tiny, 2, "train", "auto", torch.device("cpu"), rounds=3,
+          grad_checkpointing=variant == "grad_checkpointing",
+          dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
