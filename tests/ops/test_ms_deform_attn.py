@@ -360,3 +360,21 @@ def test_module_exports():
     exported = torch.export.export(module, args)
     assert any("ms_deform_attn_forward" in str(node.target) for node in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(*args), module(*args))
+
+
+def test_level_checks_are_remembered_per_tensor_pair():
+    # On the GPU the level check is a host sync, so a (shapes, starts) pair is checked once and
+    # remembered; the memory is keyed on the objects and their in-place version. Meta tensors stand
+    # in for CUDA ones here (no data to read, so a repeated check would fail loudly).
+    from dbsam.ops.ms_deform_attn import op
+
+    shapes = torch.tensor([[3, 4], [2, 2]], device="meta")
+    starts = torch.tensor([0, 12], device="meta")
+    assert not op._checked_before(shapes, starts, 16)
+    op._remember_checked(shapes, starts, 16)
+    assert op._checked_before(shapes, starts, 16)
+    assert not op._checked_before(shapes, starts, 17)
+    assert not op._checked_before(shapes, starts.clone(), 16)
+    shapes.add_(0)  # an in-place change bumps the version: check again
+    assert not op._checked_before(shapes, starts, 16)
+    assert not op._checked_before(torch.tensor([[3, 4]]), torch.tensor([0]), 12)  # CPU: always checked
