@@ -4,9 +4,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace dbsam {
 namespace ca {
+
+// The kernels compose ATen calls (GEMMs, reductions) that must run in the dtypes chosen here, not
+// in autocast's: a custom op has no autocast kernel, so without this guard a bf16 autocast region
+// around the op would silently recast its inner matmuls (and the saved float32 statistics).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 struct Dims {
   int64_t B, H, W, C, R;  // R = SE hidden width

@@ -54,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
     const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
+  const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
   const auto acc = at::toOpMathType(x.scalar_type());
@@ -78,6 +79,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
              const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
              const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
              const at::Tensor& rstd, const at::Tensor& pooled, double eps) {
+  const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
   check_saved(d, grad_y, x, mean, rstd, pooled);

@@ -1,5 +1,4 @@
 """Shapes through every stage of DB-SAM at the tiny config, and its options."""
-import time
 
 import pytest
 import torch
@@ -87,16 +86,6 @@ def test_options_forward_backward(options, tiny_batch):
     no_grad = [n for n, p in m.named_parameters()
                if p.requires_grad and p.grad is None and not n.startswith("mask_decoder.output_hypernetworks_mlps.")]
     assert no_grad == []  # every adapter parameter is reached (hypernetwork MLPs 1..3 serve multimask only)
-
-
-def test_tiny_forward_backward_is_fast(tiny, tiny_batch):
-    images, boxes = tiny_batch
-    tiny.train()
-    tiny(images, boxes)  # warm-up
-    t = time.perf_counter()
-    low, iou = tiny(images, boxes)
-    (low.mean() + iou.mean()).backward()
-    assert time.perf_counter() - t < 5.0  # "a second or two" on an idle core; slack for a shared CPU
 
 
 def test_preprocess_pads_like_sam(tiny):

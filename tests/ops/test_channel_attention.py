@@ -72,6 +72,20 @@ def test_low_precision(backend, dtype, wdtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_op_ignores_an_enclosing_autocast(dtype):
+    # The op picks its own compute dtypes; an autocast region around it (as in bf16 training) must
+    # not recast the GEMMs inside the kernel or the float32 statistics saved for backward.
+    x, ws = make_inputs(2, 7, 5, 24, 6, dtype=dtype, wdtype=torch.float32)
+    y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac, grads_ac = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    assert torch.equal(y_ac, y)
+    for g, g_ac in zip(grads, grads_ac):
+        assert torch.equal(g_ac, g)
+
+
+@needs_native
 def test_gradcheck_float64():
     x, ws = make_inputs(2, 4, 3, 6, 2)
     x.requires_grad_()
