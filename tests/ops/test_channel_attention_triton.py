@@ -96,6 +96,15 @@ def test_triton_low_precision(dtype):
     _check((1, 4, 3, 16, 4), dtype, wdtype=torch.float32, tol=1e-2, gtol=3e-2)
 
 
+def test_triton_ignores_an_enclosing_autocast():
+    # The torch calls between the Triton kernels must keep the op's own dtypes under bf16 autocast.
+    x, ws = make_inputs(2, 5, 4, 16, 4, dtype=torch.float32, device=DEVICE)
+    y = channel_attention(x, *ws, backend="triton")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y_ac = channel_attention(x, *ws, backend="triton")
+    assert y_ac.dtype == torch.float32 and torch.equal(y_ac, y)
+
+
 def test_triton_rejects_float64():
     x, ws = make_inputs(1, 2, 2, 4, 1, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):

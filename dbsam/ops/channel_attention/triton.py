@@ -185,14 +185,19 @@ def _register() -> None:
     def _fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor],
              eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        return forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps)
+        # The torch calls between the kernels (SE MLP, GEMMs) run in the dtypes chosen here, not
+        # in those of an enclosing autocast region (as the C++ kernels' NoAutocast guard).
+        with torch.autocast(x.device.type, enabled=False):
+            return forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
+                                eps)
 
     @torch.library.custom_op("dbsam_triton::channel_attention_backward", mutates_args=())
     def _bwd(grad_y: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
              pooled: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
-                             branch_scale, mean, rstd, pooled, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
+                                 branch_scale, mean, rstd, pooled, eps)
 
     torch.library.register_fake("dbsam_triton::channel_attention_forward")(op.fake_forward)
     torch.library.register_fake("dbsam_triton::channel_attention_backward")(op.fake_backward)
