@@ -23,3 +23,10 @@ def native_reason(device_type: str) -> str:
     if device_type == "cuda" and not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return ""
+
+
+def backend_reason(backend: str, device) -> str:
+    """Why the native `backend` ("cpu" or "cuda") cannot run on tensors of `device`, or ''."""
+    if device.type != backend:
+        return f"the {backend} backend runs {backend.upper()} tensors only"
+    return native_reason(device.type)

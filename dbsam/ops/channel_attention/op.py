@@ -129,21 +129,11 @@ if HAS_NATIVE_OP:
 # ----------------------------------------------------------------------------------------------
 # Backends: what each needs, and how each is called.
 
-def _native_reason(device: torch.device) -> str:
-    if device.type not in ("cpu", "cuda"):
-        return f"no native kernel for {device.type} tensors"
-    reason = _native.native_reason(device.type)
+def _native_reason(backend: str, device: torch.device) -> str:
+    reason = _native.backend_reason(backend, device)
     if not reason and not HAS_NATIVE_OP:
         return "dbsam._C was built before channel_attention existed; rebuild it (pip install .)"
     return reason
-
-
-def _cpu_reason(device: torch.device) -> str:
-    return "the cpu backend runs CPU tensors only" if device.type != "cpu" else _native_reason(device)
-
-
-def _cuda_reason(device: torch.device) -> str:
-    return "the cuda backend runs CUDA tensors only" if device.type != "cuda" else _native_reason(device)
 
 
 def _triton_reason(device: torch.device) -> str:
@@ -152,9 +142,9 @@ def _triton_reason(device: torch.device) -> str:
     return triton_backend.unavailable_reason(device)
 
 
-_backends.register(OP, "cuda", _cuda_reason)
+_backends.register(OP, "cuda", lambda device: _native_reason("cuda", device))
 _backends.register(OP, "triton", _triton_reason)
-_backends.register(OP, "cpu", _cpu_reason)
+_backends.register(OP, "cpu", lambda device: _native_reason("cpu", device))
 _backends.register(OP, "reference", lambda device: "")
 
 

@@ -151,29 +151,15 @@ if _native.HAS_NATIVE:
 # ----------------------------------------------------------------------------------------------
 # Backends: what each needs, and how each is called.
 
-def _native_reason(device: torch.device) -> str:
-    if device.type not in ("cpu", "cuda"):
-        return f"no native kernel for {device.type} tensors"
-    return _native.native_reason(device.type)
-
-
-def _cpu_reason(device: torch.device) -> str:
-    return "the cpu backend runs CPU tensors only" if device.type != "cpu" else _native_reason(device)
-
-
-def _cuda_reason(device: torch.device) -> str:
-    return "the cuda backend runs CUDA tensors only" if device.type != "cuda" else _native_reason(device)
-
-
 def _triton_reason(device: torch.device) -> str:
     from . import triton as triton_backend  # imported lazily: triton is optional
 
     return triton_backend.unavailable_reason(device)
 
 
-_backends.register(OP, "cuda", _cuda_reason)
+_backends.register(OP, "cuda", lambda device: _native.backend_reason("cuda", device))
 _backends.register(OP, "triton", _triton_reason)
-_backends.register(OP, "cpu", _cpu_reason)
+_backends.register(OP, "cpu", lambda device: _native.backend_reason("cpu", device))
 _backends.register(OP, "reference", lambda device: "")
 
 
