@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="masks for boxes on an image, a folder or a NIfTI volume")
     p.add_argument("input", help="image file, folder of images, or NIfTI volume")
     p.add_argument("--box", action="append", metavar="x0,y0,x1,y1",
-                   help="a box in pixels (volumes: x0,y0,z0,x1,y1,z1); repeatable")
+                   help="a box in pixels (volumes: x0,y0,z0,x1,y1,z1); repeatable; write --box=-3,... when it starts with a minus")
     p.add_argument("--boxes", metavar="FILE", help="JSON ([boxes] or {image: [boxes]}) or CSV "
                    "(x0,y0,x1,y1[,z0,z1][,image])")
     p.add_argument("--out", default="predictions", help="output folder (default predictions)")
