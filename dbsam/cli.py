@@ -39,11 +39,14 @@ def _model_options(p):
 
 
 def _open_data(args):
+    import os
+
     from dbsam.train.data import open_dataset
 
     dataset = open_dataset(args.data, args.images, args.labels, args.axis, args.binarize, args.label_ids,
                            args.modality)
-    print(f"data: {dataset.summary()}", flush=True)  # skipped files: counted and named
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"data: {dataset.summary()}", flush=True)  # skipped files: counted and named
     if len(dataset) == 0:
         raise ValueError("no usable samples (see the line above)")
     return dataset
@@ -268,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="optimiser steps per method (default 150)")
     p.add_argument("--minutes", type=float, default=2.0, help="time budget per method (default 2)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4, the paper's)")
     p.add_argument("--cases", type=int, default=40, help="synthetic cases (default 40)")
     p.add_argument("--tolerance-mm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

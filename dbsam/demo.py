@@ -41,7 +41,7 @@ def run_demo(args) -> dict:
         print(f"\n== {method}: before DSC {before['dsc']:.4f} NSD {before['nsd']:.4f}; training "
               f"{args.steps} steps (at most {args.minutes:g} min), batch {args.batch_size}", flush=True)
         opts = TrainOptions(out=str(out / method), method=method, model="tiny", steps=args.steps,
-                            batch_size=args.batch_size, warmup_steps=max(1, args.steps // 10),
+                            batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10),
                             val_fraction=TEST_FRACTION, split_seed=args.seed, seed=args.seed,
                             checkpoint_every=0, val_every=10 ** 9, tolerance_mm=args.tolerance_mm,
                             minutes=args.minutes, device=args.device, log_every=25)

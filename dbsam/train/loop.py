@@ -148,7 +148,7 @@ def train(opts: TrainOptions, dataset) -> dict:
 
 def _train(opts: TrainOptions, dataset, info) -> dict:
     out = Path(opts.out)
-    resume = None
+    resume, resume_path = None, None
     if opts.resume:
         resume_path = out / "last.pt" if opts.resume == "auto" else Path(opts.resume)
         if resume_path.exists() or opts.resume != "auto":
@@ -159,8 +159,8 @@ def _train(opts: TrainOptions, dataset, info) -> dict:
     if resume is not None:
         extra = resume.get("extra") or {}
         if extra.get("method", "dbsam") != opts.method:
-            raise ValueError(f"{opts.resume}: trained with --method {extra.get('method')}, not {opts.method}")
-        model, core = ckpt_io.build_from_checkpoint(resume, opts.sam_checkpoint, str(opts.resume))
+            raise ValueError(f"{resume_path}: trained with --method {extra.get('method')}, not {opts.method}")
+        model, core = ckpt_io.build_from_checkpoint(resume, opts.sam_checkpoint, str(resume_path))
         core.set_grad_checkpointing(opts.grad_checkpointing)
         init_seed = int(extra.get("init_seed", opts.seed))
     else:
