@@ -158,6 +158,9 @@ def _train(opts: TrainOptions, dataset, info) -> dict:
     # Model: drawn from the init seed (identical on every rank), or rebuilt from the checkpoint.
     if resume is not None:
         extra = resume.get("extra") or {}
+        if "train" not in extra:
+            raise ValueError(f"{resume_path} holds a model without training state (a model.pt?): "
+                             "resume from the run's last.pt")
         if extra.get("method", "dbsam") != opts.method:
             raise ValueError(f"{resume_path}: trained with --method {extra.get('method')}, not {opts.method}")
         model, core = ckpt_io.build_from_checkpoint(resume, opts.sam_checkpoint, str(resume_path))

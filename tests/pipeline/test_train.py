@@ -179,6 +179,8 @@ def test_resume_after_a_kill_is_exact(tmp_path):
     assert straight["steps"] == 4
     killed = train(_options(tmp_path / "b", stop_after=2), ds)
     assert killed["stopped"] == "killed" and not (tmp_path / "b" / "model.pt").exists()
+    with pytest.raises(ValueError, match="without training state"):
+        train(_options(tmp_path / "c", resume=str(tmp_path / "a" / "model.pt")), ds)
     resumed = train(_options(tmp_path / "b", resume="auto"), ds)
     assert resumed["steps"] == 4
     a = ckpt_io.read_checkpoint(tmp_path / "a" / "last.pt")
