@@ -257,3 +257,38 @@ def test_ddp_two_cpu_ranks_follow_the_single_process_loss_curve(tmp_path):
     b = ckpt_io.read_checkpoint(tmp_path / "two" / "model.pt")["state_dict"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+
+
+def test_resume_with_another_world_size_continues_the_same_run(tmp_path):
+    """Killed at step 2 on one process (batch 2), resumed on 2 gloo ranks x batch 1: the same
+    global batch, so the same samples and, dropout off, the same losses as a run never stopped."""
+    data = _write_folder(tmp_path / "data", 4)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    common = ["train", "--data", str(data), "--steps", "4", "--warmup-steps", "1", "--val-fraction", "0",
+              "--lr", "1e-3", "--checkpoint-every", "2", "--seed", "1"]
+    common += [f"--model-option={k}={v}" for k, v in {**MICRO, **NO_DROPOUT}.items()]
+
+    def run(*args, ranks=1):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+        out = subprocess.run([sys.executable, *launcher, "-m", "dbsam.cli", *common, *args], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    run("--batch-size", "2", "--out", str(tmp_path / "straight"))
+    run("--batch-size", "2", "--out", str(tmp_path / "r"), "--stop-after", "2")
+    text = run("--batch-size", "1", "--out", str(tmp_path / "r"), "--resume", ranks=2)
+    assert "resuming from" in text
+
+    def losses(name):
+        return [float(r.split(",")[2]) for r in (tmp_path / name / "metrics.csv").read_text().splitlines()[1:]]
+
+    assert len(losses("r")) == 4
+    assert losses("r") == pytest.approx(losses("straight"), abs=1e-4)
+    a = ckpt_io.read_checkpoint(tmp_path / "straight" / "last.pt")
+    b = ckpt_io.read_checkpoint(tmp_path / "r" / "last.pt")
+    assert b["extra"]["train"]["world_size"] == 2 and len(b["extra"]["train"]["rng"]) == 2
+    for k in ("step", "epoch", "position"):
+        assert a["extra"]["train"][k] == b["extra"]["train"][k]
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-4), k
