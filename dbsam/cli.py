@@ -121,7 +121,6 @@ def cmd_evaluate(args):
     dataset = _open_data(args)
     device = _device(args.device)
     model, what = _load_model(args, device)
-    print(f"model: {what}", flush=True)
     indices = None
     if args.subset != "all":
         train_idx, val_idx = split_by_case(dataset, args.val_fraction, args.split_seed)
@@ -288,11 +287,10 @@ COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "pre
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dbsam.model.build import CheckpointError  # noqa: E402  (only once a command runs)
-
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
+    # Bad input or files: one clear line, no traceback (dbsam.model's CheckpointError is a ValueError).
+    except (FileNotFoundError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dbsam {args.command}: error: {message}", file=sys.stderr)
         return 2
