@@ -98,6 +98,11 @@ class TargetDataset(Dataset):
             for label in self._labels_in(planes[k]):
                 self.targets.append(Target(source, label, int(k)))
 
+    def volume_geometry(self, source: int):
+        """(label volume shape, spacing per array axis in mm, slice axis) of a 3D source, so that
+        per-slice predictions can be stacked and scored over the whole volume; None for 2D."""
+        return None
+
     @property
     def cases(self) -> list[str]:
         """The case id of every sample, in index order."""
@@ -325,6 +330,14 @@ class NpzDataset(TargetDataset):
             self._sources.append((image_path, label_path))
             self._add_source(image_path.stem, label, slice_axis=0 if label.ndim == 3 else None)
 
+    def volume_geometry(self, source):
+        _, label, spacing = self._read(*self._sources[source])
+        if label.ndim != 3:
+            return None
+        # npz spacing is (x, y, z), the reverse of the (D, H, W) array axes.
+        spacing = tuple(reversed(spacing)) if spacing is not None else (1.0, 1.0, 1.0)
+        return label.shape, spacing, 0
+
     @staticmethod
     def _read(image_path, label_path):
         if label_path is None:
@@ -417,6 +430,11 @@ class NiftiDataset(TargetDataset):
                 continue
             self._volumes.append((image_path, label_path, _in_plane(spacing, axis)))
             self._add_source(nifti_case_id(image_path), np.asarray(label), slice_axis=axis)
+
+    def volume_geometry(self, source):
+        image_path, _, _ = self._volumes[source]
+        image, _, spacing = io.read_nifti(image_path)  # the spacing the slices report
+        return image.shape, spacing, self.axis
 
     def _pairs(self, images, labels):
         image_paths, label_paths = _as_paths(images), _as_paths(labels)
