@@ -3,7 +3,7 @@
 #     OUT=./gpu_out bash benchmarks/gpu_check.sh
 # Steps (each under `timeout`, the whole run capped at GPU_CHECK_BUDGET_S, default 470 s; a step
 # that would start with under 15 s left is marked failed, not run: when the benchmarks get cut,
-# rerun with GPU_CHECK_SKIP="tests_cuda tests memcheck racecheck" after a build):
+# rerun with GPU_CHECK_SKIP="tests_cuda tests memcheck racecheck ab" after a build):
 #   info       card, driver, torch/CUDA/Triton versions, git commit
 #   build      in-place build for the H100 (MAX_JOBS=16 DBSAM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
 #              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt
@@ -12,8 +12,12 @@
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   racecheck  compute-sanitizer --tool racecheck on the same script
 #   ab         benchmarks/ab_order.py: the kernels' sample order A/B and the deterministic backward
-#   bench      pytest benchmarks/ --benchmark-only --benchmark-json=$OUT/bench.json
-#   report     a table of the benchmark JSON (benchmarks/gpu_report.py)
+#   bench_msda, bench_ca, bench_model
+#              pytest-benchmark, one file each (a cut step loses only its own figures):
+#              --benchmark-json=$OUT/bench_<name>.json
+#   bench_slow torch.compile(mode="max-autotune") of the adapter and the Triton autotune sweep (last:
+#              minutes of compiling, the first thing to drop when time is short)
+#   report     a table of every benchmark JSON (benchmarks/gpu_report.py)
 # Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
 # any step failed. Without a GPU (no working nvidia-smi) the GPU steps are skipped, and say so.
 # Knobs: PYTHON (default: the first of python, python3 that imports torch), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
@@ -159,16 +163,24 @@ step_racecheck() { sanitizer racecheck; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
 
-step_bench() {
-  "$PYTHON" -m pytest benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" -q -p no:cacheprovider
+bench() {  # bench NAME PYTEST-ARGS...
+  local name=$1; shift
+  "$PYTHON" -m pytest "$@" --benchmark-only --benchmark-json="$OUT/bench_$name.json" -q -p no:cacheprovider
+}
+step_bench_msda() { bench msda benchmarks/test_ms_deform_attn.py; }
+step_bench_ca() { bench ca benchmarks/test_channel_attention.py -k "not max_autotune"; }
+step_bench_model() { bench model benchmarks/test_model.py; }
+step_bench_slow() {
+  bench slow benchmarks/test_channel_attention.py benchmarks/test_ms_deform_attn_triton_tune.py -k "max_autotune or tune"
 }
 
 step_report() {
-  [ -f "$OUT/bench.json" ] || { echo "no $OUT/bench.json (the bench step did not run or failed early)"; return 1; }
-  "$PYTHON" benchmarks/gpu_report.py "$OUT/bench.json"
+  ls "$OUT"/bench_*.json >/dev/null 2>&1 || { echo "no $OUT/bench_*.json (no bench step ran)"; return 1; }
+  "$PYTHON" benchmarks/gpu_report.py "$OUT"/bench_*.json
 }
 
-export -f step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_bench step_report
+export -f step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab \
+  bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
 run_step info 30 0 bash -c step_info
@@ -179,7 +191,10 @@ run_step tests 120 0 bash -c step_tests
 run_step memcheck 70 1 bash -c step_memcheck
 run_step racecheck 50 1 bash -c step_racecheck
 TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
-TAIL_LINES=5 run_step bench 140 1 bash -c step_bench
+TAIL_LINES=5 run_step bench_msda 120 1 bash -c step_bench_msda
+TAIL_LINES=5 run_step bench_ca 40 1 bash -c step_bench_ca
+TAIL_LINES=5 run_step bench_model 60 1 bash -c step_bench_model
+TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
 
 echo

@@ -1,8 +1,8 @@
-"""Prints a short table from a pytest-benchmark JSON file: median time per benchmark, the speed-up
+"""Prints a short table from pytest-benchmark JSON files: median time per benchmark, the speed-up
 over the reference backend of the same group, and the extra_info fields (effective GB/s, % of
 copy bandwidth) when the benchmark recorded them.
 
-    python benchmarks/gpu_report.py gpu_out/bench.json
+    python benchmarks/gpu_report.py gpu_out/bench_*.json
 """
 import json
 import sys
@@ -23,18 +23,20 @@ def rows_of(data):
 
 
 def main(argv) -> int:
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    try:
-        with open(argv[1]) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        print(f"gpu_report: cannot read {argv[1]}: {exc}", file=sys.stderr)
-        return 1
-    rows = rows_of(data)
+    rows, data = [], {}
+    for path in argv[1:]:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            print(f"gpu_report: cannot read {path}: {exc}", file=sys.stderr)
+            continue
+        rows += rows_of(data)
     if not rows:
-        print(f"gpu_report: no benchmarks in {argv[1]}")
+        print(f"gpu_report: no benchmarks in {' '.join(argv[1:])}")
         return 1
     machine = data.get("machine_info", {})
     print(f"machine: {machine.get('node', '?')} {machine.get('cpu', {}).get('brand_raw', '')}".rstrip())
