@@ -15,7 +15,9 @@ and a NIfTI of the same geometry read the same through `read_nifti`:
                         (row vector x column vector), whatever the file names
                         or InstanceNumbers say.
 
-i.e. shape (Columns, Rows, slices): each DICOM pixel array transposed. The
+i.e. shape (Columns, Rows, slices): each DICOM pixel array transposed. This
+is what ITK (SimpleITK's series reader) gives once written to NIfTI and read
+back with nibabel; dcm2niix's output differs from it by axis flips only. The
 affine maps (i, j, k, 1) to RAS+ world millimetres (DICOM's LPS with x and y
 negated), with column 0 = row cosine x PixelSpacing[1], column 1 = column
 cosine x PixelSpacing[0], column 2 = the mean step between consecutive slice
@@ -79,7 +81,9 @@ def _floats(value, n, what, name):
 def _header(pydicom, path):
     """The header of one file, or None when it is not a DICOM image slice."""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        # Files without the Part 10 preamble are tried only when named .dcm/.dicom.
+        force = Path(path).suffix.lower() in DICOM_SUFFIXES
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=force)
     except Exception:  # InvalidDicomError, truncated files, anything unreadable: not a slice
         return None
     needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
@@ -111,7 +115,10 @@ def read_dicom_series(folder, series_uid: str | None = None, gap_tolerance: floa
     (the message lists them); slices that disagree on orientation, pixel
     spacing or size; two slices at one position; gaps between consecutive
     slices differing from the median gap by more than `gap_tolerance` of it
-    (missing slices, most often); multi-frame or colour images.
+    (missing slices, most often), or positions off one straight line by as
+    much; multi-frame or colour images. A gantry tilt (positions on a line
+    oblique to the slice normal) is kept in the affine's third column; the
+    third spacing is then that column's length, not the gap between planes.
     """
     pydicom = _pydicom()
     folder = Path(folder)
@@ -182,6 +189,13 @@ def read_dicom_series(folder, series_uid: str | None = None, gap_tolerance: floa
             raise ValueError(f"{folder}: uneven slice gaps (median {median:g} mm, tolerance "
                              f"{gap_tolerance:.0%}): {listed}{more}; missing slices?")
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        # Gantry tilt keeps the positions on a line (a sheared grid, which the affine holds); a
+        # line that bends does not fit any affine.
+        off = [float(np.linalg.norm(pos - positions[0] - k * step)) for k, pos in enumerate(positions)]
+        worst = int(np.argmax(off))
+        if off[worst] > max(gap_tolerance * median, SPACING_TOL):
+            raise ValueError(f"{folder}: slice positions are not on one line: {headers[worst][0].name} is "
+                             f"{off[worst]:g} mm off the line from the first slice to the last")
     else:  # one slice: its thickness, if stated, along the normal
         thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
         step = normal * float(thickness)
@@ -193,7 +207,8 @@ def read_dicom_series(folder, series_uid: str | None = None, gap_tolerance: floa
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), float(np.linalg.norm(step)))
+    # Rounded to 1e-6 mm: a step of 1.2 from positions like 100.6 - 99.4 is 1.2, not 1.1999999999999993.
+    spacing = tuple(round(float(v), 6) for v in (pixel_spacing[1], pixel_spacing[0], np.linalg.norm(step)))
     return volume, affine, spacing
 
 

@@ -106,6 +106,30 @@ def test_coronal_series_descending_positions_and_rescale_types(tmp_path):
     assert half.dtype == np.float32 and np.array_equal(half, expected_half.transpose(2, 1, 0))
 
 
+def test_gantry_tilt_is_kept_in_the_affine(tmp_path):
+    stored = _series(tmp_path / "tilt", step=(0.0, 0.5, 2.5))  # each slice 0.5 mm further back
+    volume, affine, spacing = read_dicom_series(tmp_path / "tilt")
+    assert np.array_equal(volume, (stored.astype(np.int32) - 1024).transpose(2, 1, 0))
+    assert np.allclose(affine[:3, 2], [0.0, -0.5, 2.5]) and spacing[2] == pytest.approx(np.sqrt(6.5))
+
+
+def test_same_as_simpleitk_written_to_nifti(tmp_path):
+    """An independent reader: ITK's series, written as NIfTI, read by read_nifti (when installed)."""
+    sitk = pytest.importorskip("SimpleITK", reason="the cross-check needs SimpleITK")
+    geometries = {"axial": {}, "oblique": dict(orientation=(0.8, 0.6, 0, -0.6, 0.8, 0), step=(0, 0, -2.0)),
+                  "sagittal": dict(orientation=(0, 1, 0, 0, 0, -1), step=(1.2, 0, 0), pixel_spacing=(0.9, 0.6))}
+    for name, options in geometries.items():
+        _series(tmp_path / name, **options)
+        volume, affine, spacing = read_dicom_series(tmp_path / name)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / name)))
+        sitk.WriteImage(reader.Execute(), str(tmp_path / f"{name}.nii.gz"))
+        array, nifti_affine, nifti_spacing = io.read_nifti(tmp_path / f"{name}.nii.gz")
+        assert np.array_equal(array, volume), name
+        assert np.allclose(nifti_affine, affine, atol=1e-4), name
+        assert nifti_spacing == pytest.approx(spacing), name
+
+
 def test_mixed_series_refused_unless_one_is_picked(tmp_path):
     folder = tmp_path / "mixed"
     _series(folder, series="1.2.3.4.1", names=[f"a{i}" for i in range(N)])
@@ -126,6 +150,12 @@ def test_uneven_gaps_duplicates_and_inconsistent_headers_refused(tmp_path):
     (folder / missing).unlink()
     with pytest.raises(ValueError, match=r"uneven slice gaps \(median 2.5 mm.*: s\d -> s\d: 5 mm; missing slices"):
         read_dicom_series(folder)
+
+    bent = tmp_path / "bent"
+    _series(bent, n=2, names=["a", "b"])  # z 100 and 102.5 at x -50; then z 105 at x -45
+    _write_slice(bent / "c", np.ones((ROWS, COLS)), (-45, 30, 105), series="1.2.3.4.1")
+    with pytest.raises(ValueError, match=r"not on one line: [ab] is 2.5 mm off"):
+        read_dicom_series(bent)
 
     dup = tmp_path / "dup"
     _series(dup, step=(0.0, 0.0, 0.0), n=2)
