@@ -17,7 +17,8 @@ def _data_options(p, required=False):
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR", help="folder: images/ + masks/ (2D files), *.npz or imgs/ + gts/ "
                    "(.npy), or imagesTr/ + labelsTr/ (NIfTI); auto-detected")
-    g.add_argument("--images", metavar="PATH", help="NIfTI image file or folder (with --labels)")
+    g.add_argument("--images", metavar="PATH", help="NIfTI image file or folder, or a DICOM series folder "
+                   "(needs the dicom extra) or a folder of them (with --labels)")
     g.add_argument("--labels", metavar="PATH", help="NIfTI label file or folder (with --images)")
     g.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of volumes (default 2)")
     g.add_argument("--label-ids", type=int, nargs="+", metavar="ID", help="use only these label ids")
@@ -139,21 +140,21 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     from pathlib import Path
 
-    from dbsam.data.io import IMAGE_SUFFIXES, is_nifti
+    from dbsam.data.io import IMAGE_SUFFIXES, is_volume
     from dbsam.model import DBSAMPredictor
     from dbsam.predict import parse_box, predict_2d_file, predict_volume, read_boxes_file
 
     source = Path(args.input)
     if not source.exists():
         raise FileNotFoundError(f"input not found: {source}")
-    volume = source.is_file() and is_nifti(source)
+    volume = is_volume(source)  # a NIfTI file or a DICOM series folder
     dims = 6 if volume else 4
     boxes_by_name = read_boxes_file(args.boxes, dims) if args.boxes else {}
     if args.box:
         boxes_by_name.setdefault("", []).extend(parse_box(b, dims) for b in args.box)
     if not boxes_by_name:
         raise ValueError("give at least one --box or a --boxes file")
-    if source.is_dir():
+    if source.is_dir() and not volume:
         files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images in {source}")
@@ -251,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out", default="eval", help="folder for cases.csv and summary.txt (default eval)")
 
-    p = sub.add_parser("predict", help="masks for boxes on an image, a folder or a NIfTI volume")
-    p.add_argument("input", help="image file, folder of images, or NIfTI volume")
+    p = sub.add_parser("predict", help="masks for boxes on an image, a folder, a NIfTI volume or a DICOM series")
+    p.add_argument("input", help="image file, folder of images, NIfTI volume, or a folder holding one DICOM "
+                   "series (needs the dicom extra; the mask is written as NIfTI)")
     p.add_argument("--box", action="append", metavar="x0,y0,x1,y1",
                    help="a box in pixels (volumes: x0,y0,z0,x1,y1,z1); repeatable; write --box=-3,... when it starts with a minus")
     p.add_argument("--boxes", metavar="FILE", help="JSON ([boxes] or {image: [boxes]}) or CSV "

@@ -1,4 +1,4 @@
-"""Box-prompted prediction on files: a 2D image, a folder of them, or a NIfTI volume.
+"""Box-prompted prediction on files: a 2D image, a folder of them, a NIfTI volume or a DICOM series.
 
 Boxes are in the input's pixels: (x0, y0, x1, y1) for 2D, x the column and y the row (inclusive,
 as dbsam.data.boxes); (x0, y0, z0, x1, y1, z1) for volumes, where z indexes the slices along
@@ -6,7 +6,9 @@ as dbsam.data.boxes); (x0, y0, z0, x1, y1, z1) for volumes, where z indexes the 
 outside the image is clipped (and said so); one wholly outside, inverted or malformed is refused.
 
 Masks keep the input's geometry: a PNG of the same size (0/255 for one box, label ids 1..N for N
-boxes, later boxes drawn over earlier ones), or a NIfTI with the input's affine and header.
+boxes, later boxes drawn over earlier ones), or a NIfTI with the input's affine and header. A DICOM
+series (a folder) is read in NIfTI's array order (dbsam.data.dicom) and its mask is a NIfTI with the
+series' affine, named after the folder.
 """
 from __future__ import annotations
 
@@ -134,10 +136,12 @@ def predict_2d_file(predictor, path: Path, boxes, out_dir: Path, make_overlay: b
 
 def predict_volume(predictor, path: Path, boxes, out_dir: Path, axis: int = 2, modality: str = "auto",
                    make_overlay: bool = False, note=print):
-    """Slice-wise prediction of 3D boxes; the label volume is written with the input's affine."""
+    """Slice-wise prediction of 3D boxes; the label volume is written with the input's affine.
+
+    `path`: a NIfTI file or a folder holding a DICOM series (written as NIfTI with its affine)."""
     from dbsam.data.datasets import nifti_case_id, volume_to_model_range
 
-    volume, _, _ = io.read_nifti(path)
+    volume, affine, _ = io.read_volume(path)
     if volume.ndim != 3:
         raise ValueError(f"{path.name}: expected a 3D volume, got shape {volume.shape}")
     scaled = volume_to_model_range(volume, modality)
@@ -163,7 +167,11 @@ def predict_volume(predictor, path: Path, boxes, out_dir: Path, axis: int = 2, m
             if mask.sum() > best[0]:
                 best = (int(mask.sum()), z)
     stem = nifti_case_id(path)
-    written = [io.write_nifti(labels, out_dir / f"{stem}_mask.nii.gz", like=path)]
+    target = out_dir / f"{stem}_mask.nii.gz"
+    if Path(path).is_dir():  # a DICOM series: no NIfTI header to copy
+        written = [io.write_nifti(labels, target, affine=affine)]
+    else:
+        written = [io.write_nifti(labels, target, like=path)]
     if make_overlay and best[1] is not None:
         z = best[1]
         plane = io.to_rgb(np.take(scaled, z, axis=axis))

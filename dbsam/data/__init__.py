@@ -16,6 +16,7 @@ from .io import (
     read_nifti,
     read_npz,
     read_npy_pair,
+    read_volume,
     window_ct,
     normalize_intensity,
     write_mask_png,
@@ -26,6 +27,6 @@ __all__ = [
     "ArrayDataset", "FolderDataset", "NiftiDataset", "NpzDataset", "TargetDataset",
     "box3d_from_mask", "box_from_mask", "clip_box", "validate_box",
     "normalize_intensity", "read_image", "read_mask", "read_nifti", "read_npy_pair",
-    "read_npz", "split_by_case", "synthetic_dataset", "window_ct", "write_mask_png",
+    "read_npz", "read_volume", "split_by_case", "synthetic_dataset", "window_ct", "write_mask_png",
     "write_nifti",
 ]

@@ -375,16 +375,23 @@ def _npz_problem(image, label):
 
 
 def _as_paths(spec) -> list[Path]:
+    """Volumes named by `spec`: a file, a DICOM series folder, a folder of NIfTI files and/or
+    DICOM series sub-folders, or a list of any of these."""
     if isinstance(spec, (str, Path)):
         spec = Path(spec)
-        if spec.is_dir():
-            return sorted(p for p in spec.iterdir() if io.is_nifti(p))
+        if spec.is_dir() and not io.is_dicom_series(spec):
+            return sorted(p for p in spec.iterdir() if io.is_nifti(p) or io.is_dicom_series(p))
         return [spec]
     return [Path(p) for p in spec]
 
 
+def _is_folder_of_volumes(spec) -> bool:
+    return isinstance(spec, (str, Path)) and Path(spec).is_dir() and not io.is_dicom_series(spec)
+
+
 def nifti_case_id(path) -> str:
-    """File name without .nii[.gz] and without an nnU-Net channel tag (_0000)."""
+    """File name without .nii[.gz] and without an nnU-Net channel tag (_0000); for a DICOM
+    series, its folder's name."""
     name = Path(path).name
     name = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
     return re.sub(r"_\d{4}$", "", name)
@@ -394,9 +401,15 @@ class NiftiDataset(TargetDataset):
     """2D slices of NIfTI volumes along `axis`, one target per label per slice.
 
     `images` and `labels` are each a file, a list of files (paired in order)
-    or a folder (paired by case id, see `nifti_case_id`). Slices without any
-    label are skipped. Slices keep the array's axis order (no reorientation)
-    so predictions can be written back with `io.write_nifti(..., like=image)`.
+    or a folder (paired by case id, see `nifti_case_id`). An image may also
+    be a folder holding one DICOM series (read by `io.read_volume`, same axis
+    order as NIfTI); a folder of such folders pairs by folder name. Labels are
+    NIfTI; for a DICOM image a label whose affine differs from the series' by
+    axis flips/permutations only (a dcm2niix conversion, say) is brought into
+    the series' array order, any other difference skips the case. Slices
+    without any label are skipped. Slices keep the array's axis order (no
+    reorientation) so predictions can be written back with
+    `io.write_nifti(..., like=image)` (or `affine=` for a DICOM series).
     Intensities: see `volume_to_model_range` (CT window for int16 HU data).
     """
 
@@ -415,13 +428,18 @@ class NiftiDataset(TargetDataset):
                 self.skipped.append((name, "no mask"))
                 continue
             try:
-                image, _, spacing = io.read_nifti(image_path)
-                label, _, _ = io.read_nifti(label_path)
+                image, image_affine, spacing = io.read_volume(image_path)
+                label, label_affine, _ = io.read_nifti(label_path)
             except ImportError:
                 raise
             except Exception as err:
                 self.skipped.append((name, f"unreadable: {_short(err)}"))
                 continue
+            if image_path.is_dir() and image.ndim == 3:
+                label, problem = align_to(label, label_affine, image_affine, image.shape)
+                if problem:
+                    self.skipped.append((name, problem))
+                    continue
             if image.ndim != 3 or image.shape != label.shape:
                 self.skipped.append((name, f"size mismatch: image {image.shape}, label {label.shape}"))
                 continue
@@ -433,12 +451,12 @@ class NiftiDataset(TargetDataset):
 
     def volume_geometry(self, source):
         image_path, _, _ = self._volumes[source]
-        image, _, spacing = io.read_nifti(image_path)  # the spacing the slices report
+        image, _, spacing = io.read_volume(image_path)  # the spacing the slices report
         return image.shape, spacing, self.axis
 
     def _pairs(self, images, labels):
         image_paths, label_paths = _as_paths(images), _as_paths(labels)
-        folders = all(isinstance(s, (str, Path)) and Path(s).is_dir() for s in (images, labels))
+        folders = all(_is_folder_of_volumes(s) for s in (images, labels))
         if not folders:
             if len(image_paths) != len(label_paths):
                 raise ValueError(f"{len(image_paths)} images but {len(label_paths)} labels")
@@ -450,13 +468,46 @@ class NiftiDataset(TargetDataset):
         image_path, label_path, spacing = self._volumes[source]
 
         def load():
-            image, _, _ = io.read_nifti(image_path)
-            label, _, _ = io.read_nifti(label_path)
+            image, image_affine, _ = io.read_volume(image_path)
+            label, label_affine, _ = io.read_nifti(label_path)
+            if image_path.is_dir():
+                label, _ = align_to(label, label_affine, image_affine, image.shape)
             return volume_to_model_range(image, *self._window), np.asarray(label)
 
         image, label = self._cache.get(source, load)
         plane = np.take(image, slice_index, axis=self.axis)
         return io.to_rgb(plane), np.take(label, slice_index, axis=self.axis), spacing
+
+
+def align_to(label, label_affine, image_affine, image_shape, tol=1e-2):
+    """`label` in the voxel order of an image with `image_affine` and `image_shape`.
+
+    -> (array, None), or (label unchanged, reason) when the two grids differ by more than axis
+    flips and permutations (`tol` in voxels). Same affine: the label as it is.
+    """
+    label = np.asarray(label)
+    if label.ndim != 3 or len(image_shape) != 3:
+        return label, None  # the size check reports it
+    # Image voxel index -> label voxel index.
+    to_label = np.linalg.inv(np.asarray(label_affine, np.float64)) @ np.asarray(image_affine, np.float64)
+    if np.allclose(to_label, np.eye(4), atol=tol):
+        return label, None
+    rot, shift = to_label[:3, :3], to_label[:3, 3]
+    signs = np.rint(rot)
+    perm = [int(np.flatnonzero(signs[:, a])[0]) if np.count_nonzero(signs[:, a]) == 1 else -1 for a in range(3)]
+    why = "label affine does not match the DICOM series' (not the same voxel grid up to axis flips)"
+    if not np.allclose(rot, signs, atol=tol) or sorted(perm) != [0, 1, 2]:
+        return label, why
+    for a in range(3):
+        b, s = perm[a], signs[perm[a], a]
+        if label.shape[b] != image_shape[a]:
+            return label, why
+        expected = 0.0 if s > 0 else image_shape[a] - 1.0  # where image index 0 lands
+        if abs(shift[b] - expected) > tol:
+            return label, why
+    out = np.transpose(label, perm)
+    flips = [a for a in range(3) if signs[perm[a], a] < 0]
+    return np.ascontiguousarray(np.flip(out, flips) if flips else out), None
 
 
 # --- splitting -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Images for the model are float32 HxWx3 arrays in [0, 255]. Masks and label
 maps are integer arrays of label ids. Volumes come from NIfTI via nibabel,
-which is optional: only the NIfTI functions need it.
+which is optional: only the NIfTI functions need it; or from a folder holding
+a DICOM series (dbsam.data.dicom, optional pydicom), in the same axis order.
 """
 
 from __future__ import annotations
@@ -218,7 +219,12 @@ def write_nifti(array, path, like=None, affine=None, header=None) -> Path:
     img = nib.Nifti1Image(array, affine, header=header)
     img.header.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    if header is not None:
+    if header is None:
+        # A bare affine (e.g. a DICOM series'): scanner coordinates in mm.
+        img.header.set_xyzt_units("mm")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    else:
         # Nifti1Image keeps the reference's qform/sform codes only if told to.
         img.set_qform(affine, code=int(header["qform_code"]) or 1)
         img.set_sform(affine, code=int(header["sform_code"]) or 1)
@@ -226,3 +232,30 @@ def write_nifti(array, path, like=None, affine=None, header=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
     return path
+
+
+# --- volumes: NIfTI or a DICOM series ------------------------------------------------
+
+
+def is_dicom_series(path) -> bool:
+    """A folder holding DICOM files (no pydicom needed to tell)."""
+    from .dicom import is_dicom_series as check
+
+    return check(path)
+
+
+def is_volume(path) -> bool:
+    """A NIfTI file or a folder holding a DICOM series."""
+    return (Path(path).is_file() and is_nifti(path)) or is_dicom_series(path)
+
+
+def read_volume(path):
+    """A NIfTI file or a DICOM series folder -> (array, affine 4x4, spacing per array axis in mm).
+
+    Both come in nibabel's array order and RAS+ affine (see dbsam.data.dicom).
+    """
+    if Path(path).is_dir():
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    return read_nifti(path)

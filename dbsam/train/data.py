@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from dbsam.data import FolderDataset, NiftiDataset, NpzDataset, box_from_mask
 from dbsam.data.boxes import MAX_JITTER
-from dbsam.data.io import IMAGE_SUFFIXES, is_nifti
+from dbsam.data.io import IMAGE_SUFFIXES, is_dicom_series, is_nifti
 from dbsam.model.predictor import resized_shape
 
 NIFTI_DIRS = (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs"), ("images", "labels"), ("images", "masks"))
@@ -59,7 +59,9 @@ def open_dataset(data=None, images=None, labels=None, axis: int = 2, binarize: b
 def _has(folder: Path, suffixes, nifti: bool = False) -> bool:
     if not folder.is_dir():
         return False
-    return any(p.is_file() and (is_nifti(p) if nifti else p.suffix.lower() in suffixes) for p in folder.iterdir())
+    if nifti:  # NIfTI files or DICOM series sub-folders
+        return any((p.is_file() and is_nifti(p)) or is_dicom_series(p) for p in folder.iterdir())
+    return any(p.is_file() and p.suffix.lower() in suffixes for p in folder.iterdir())
 
 
 def as_uint8(image) -> np.ndarray:
