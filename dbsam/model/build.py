@@ -97,29 +97,34 @@ def read_sam_checkpoint(path: PathLike, variant: Optional[str] = None) -> Mappin
     return state
 
 
-def load_sam_weights(model: DBSAM, state: Mapping[str, torch.Tensor], source: str = "SAM state dict") -> None:
-    """Strictly load SAM's image_encoder/prompt_encoder/mask_decoder weights under SAM's names."""
-    foreign = [k for k in state if not k.startswith(SAM_PREFIXES)]
-    expected = model.sam_state_dict()
+def _copy_strictly(model: DBSAM, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                   unexpected: list, what: str, hint: str = "") -> None:
+    """Copies `state` into the model's tensors named by `expected`, refusing any missing key, any key
+    in `unexpected` and any shape that differs: one error that lists a few of each."""
     missing = [k for k in expected if k not in state]
-    unexpected = foreign + [k for k in state if k.startswith(SAM_PREFIXES) and k not in expected]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        hint = ""
-        if "image_encoder.pos_embed" in state and state["image_encoder.pos_embed"].shape != expected[
-                "image_encoder.pos_embed"].shape:
-            hint = (f" (the file's ViT has embed dim {state['image_encoder.pos_embed'].shape[-1]}, the model's "
-                    f"{model.config.embed_dim}: wrong variant?)")
-        raise CheckpointError(f"{source} does not match the SAM parts of this DB-SAM{hint}: "
-                              f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                              f"{len(mismatched)} with other shapes {mismatched[:3]}")
+        raise CheckpointError(f"{what}{hint}: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+                              f"{unexpected[:3]}, {len(mismatched)} with other shapes {mismatched[:3]}")
     if model.pixel_mean.device.type == "meta":
         raise ValueError("cannot load weights into a model built on the meta device: build it on cpu or cuda")
     own = model.state_dict()
     with torch.no_grad():
         for k in expected:
             own[k].copy_(state[k])
+
+
+def load_sam_weights(model: DBSAM, state: Mapping[str, torch.Tensor], source: str = "SAM state dict") -> None:
+    """Strictly load SAM's image_encoder/prompt_encoder/mask_decoder weights under SAM's names."""
+    expected = model.sam_state_dict()
+    unexpected = [k for k in state if k not in expected]
+    hint = ""
+    if "image_encoder.pos_embed" in state and state["image_encoder.pos_embed"].shape != expected[
+            "image_encoder.pos_embed"].shape:
+        hint = (f" (the file's ViT has embed dim {state['image_encoder.pos_embed'].shape[-1]}, the model's "
+                f"{model.config.embed_dim}: wrong variant?)")
+    _copy_strictly(model, expected, state, unexpected, f"{source} does not match the SAM parts of this DB-SAM", hint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,19 +173,8 @@ def read_dbsam_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 def load_trainable(model: DBSAM, state: Mapping[str, torch.Tensor], source: str = "DB-SAM checkpoint") -> None:
     expected = model.trainable_state_dict()
-    missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source} does not match this model's trainable parts: {len(missing)} missing "
-                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                              f"{len(mismatched)} with other shapes {mismatched[:3]}")
-    if model.pixel_mean.device.type == "meta":
-        raise ValueError("cannot load weights into a model built on the meta device: build it on cpu or cuda")
-    own = model.state_dict()
-    with torch.no_grad():
-        for k in expected:
-            own[k].copy_(state[k])
+    _copy_strictly(model, expected, state, unexpected, f"{source} does not match this model's trainable parts")
 
 
 def load_dbsam(path: PathLike, sam_checkpoint: Optional[PathLike] = None, **options) -> DBSAM:
