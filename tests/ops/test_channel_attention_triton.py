@@ -128,7 +128,7 @@ def test_triton_opcheck():
     x, ws = make_inputs(2, 3, 2, 5, 1, dtype=torch.float32, device=DEVICE)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
-    torch.library.opcheck(torch.ops.dbsam_triton.channel_attention_forward.default, (x, *ws, None, 1e-6))
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_triton_forward.default, (x, *ws, None, 1e-6))
 
 
 def test_triton_compile_fullgraph():

@@ -172,7 +172,7 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
 
 
 def _register() -> None:
-    """Declares dbsam_triton::channel_attention_forward/backward once, with op.py's fake kernels and
+    """Declares dbsam::channel_attention_triton_forward/backward once, with op.py's fake kernels and
     autograd formula (shared with the native ops)."""
     global _registered
     if _registered:
@@ -181,7 +181,7 @@ def _register() -> None:
 
     Tensor = torch.Tensor
 
-    @torch.library.custom_op("dbsam_triton::channel_attention_forward", mutates_args=())
+    @torch.library.custom_op("dbsam::channel_attention_triton_forward", mutates_args=())
     def _fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor],
              eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -191,7 +191,7 @@ def _register() -> None:
             return forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
                                 eps)
 
-    @torch.library.custom_op("dbsam_triton::channel_attention_backward", mutates_args=())
+    @torch.library.custom_op("dbsam::channel_attention_triton_backward", mutates_args=())
     def _bwd(grad_y: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
              pooled: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -199,15 +199,15 @@ def _register() -> None:
             return backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
                                  branch_scale, mean, rstd, pooled, eps)
 
-    torch.library.register_fake("dbsam_triton::channel_attention_forward")(op.fake_forward)
-    torch.library.register_fake("dbsam_triton::channel_attention_backward")(op.fake_backward)
-    op.register_autograd_for("dbsam_triton::channel_attention_forward",
-                             torch.ops.dbsam_triton.channel_attention_backward)
+    torch.library.register_fake("dbsam::channel_attention_triton_forward")(op.fake_forward)
+    torch.library.register_fake("dbsam::channel_attention_triton_backward")(op.fake_backward)
+    op.register_autograd_for("dbsam::channel_attention_triton_forward",
+                             torch.ops.dbsam.channel_attention_triton_backward)
     _registered = True
 
 
 def channel_attention_triton(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
     _check_dtype(x)
     _register()
-    return torch.ops.dbsam_triton.channel_attention_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
+    return torch.ops.dbsam.channel_attention_triton_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
                                                             pw_weight, branch_scale, eps)[0]
