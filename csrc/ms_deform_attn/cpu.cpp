@@ -2,12 +2,15 @@
 //
 // Forward: one task per (n, q, m); the D channels of a value row are contiguous, so the inner loop
 // is a unit-stride axpy the compiler vectorises. Backward: one task per (n, m) so that each task
-// owns grad_value[n, :, m, :] alone: no atomics, no races, and the same result on every run.
+// owns grad_value[n, :, m, :] alone: no atomics, no races, and the same result on every run. When
+// N*M tasks would leave threads idle (one image, 8 heads, a 32-core CPU), each (n, m) also splits
+// its queries, the extra ranges accumulating into private copies of grad_value that are summed.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "ms_deform_attn/checks.h"
@@ -54,20 +57,26 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   });
 }
 
-// grad_value_acc is acc_t (float for half/bfloat16 values), laid out like value.
+// grad_value is acc_t (float for half/bfloat16 values), laid out like value. With splits > 1 the
+// queries of each (n, m) are cut into `splits` ranges; range 0 accumulates into grad_value, range
+// r > 0 into its own copy partial[r - 1] (each laid out like value), summed by the caller. The cut
+// depends only on Lq and splits, so a given thread count always gives the same result.
 template <typename scalar_t, typename coord_t>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
                      const int64_t* starts, const coord_t* loc, const coord_t* attn,
-                     at::opmath_type<scalar_t>* grad_value, coord_t* grad_loc, coord_t* grad_attn,
-                     const Dims& d) {
+                     at::opmath_type<scalar_t>* grad_value, at::opmath_type<scalar_t>* partial,
+                     int64_t splits, coord_t* grad_loc, coord_t* grad_attn, const Dims& d) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, d.N * d.M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * d.M * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(d.D);
-    for (int64_t nm = begin; nm < end; ++nm) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nm = task / splits, part = task % splits;
       const int64_t n = nm / d.M, m = nm % d.M;
       const scalar_t* vbase = value + n * d.S * d.M * d.D + m * d.D;
-      acc_t* gvbase = grad_value + n * d.S * d.M * d.D + m * d.D;
-      for (int64_t q = 0; q < d.Lq; ++q) {
+      acc_t* target = part == 0 ? grad_value : partial + (part - 1) * d.N * d.S * d.M * d.D;
+      acc_t* gvbase = target + n * d.S * d.M * d.D + m * d.D;
+      const int64_t q_begin = d.Lq * part / splits, q_end = d.Lq * (part + 1) / splits;
+      for (int64_t q = q_begin; q < q_end; ++q) {
         const int64_t t = (n * d.Lq + q) * d.M + m;  // index of (n, q, m)
         const scalar_t* go = grad_out + t * d.D;
         for (int64_t k = 0; k < d.D; ++k) g[k] = static_cast<acc_t>(go[k]);
@@ -110,6 +119,17 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
       }
     }
   });
+}
+
+// How many query ranges each (n, m) task of the backward is cut into: enough to give every thread
+// work, at most one per query, and at most 256 MB of extra grad_value copies.
+int64_t query_splits(const Dims& d, int64_t grad_value_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t heads = std::max<int64_t>(1, d.N * d.M);
+  if (heads >= threads) return 1;
+  const int64_t by_threads = (threads + heads - 1) / heads;
+  const int64_t by_memory = 1 + (int64_t{256} << 20) / std::max<int64_t>(1, grad_value_bytes);
+  return std::max<int64_t>(1, std::min({by_threads, d.Lq, by_memory}));
 }
 
 at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -164,6 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   if (go.numel() > 0) {
+    const int64_t splits = query_splits(d, grad_value_acc.numel() * grad_value_acc.element_size());
+    auto partial = splits > 1 ? at::zeros({splits - 1, d.N, d.S, d.M, d.D}, grad_value_acc.options())
+                              : at::Tensor();
     dispatch_dtypes(v.scalar_type(), loc.scalar_type(), "ms_deform_attn_backward",
                     [&](auto vtag, auto ctag) {
                       using scalar_t = typename decltype(vtag)::type;
@@ -173,9 +196,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                           go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                           shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                           loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(),
-                          grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<coord_t>(),
-                          grad_attn.data_ptr<coord_t>(), d);
+                          grad_value_acc.data_ptr<acc_t>(),
+                          splits > 1 ? partial.data_ptr<acc_t>() : nullptr, splits,
+                          grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), d);
                     });
+    if (splits > 1) grad_value_acc.add_(partial.sum(0));
   } else {
     grad_loc.zero_();
     grad_attn.zero_();

@@ -378,3 +378,26 @@ def test_level_checks_are_remembered_per_tensor_pair():
     shapes.add_(0)  # an in-place change bumps the version: check again
     assert not op._checked_before(shapes, starts, 16)
     assert not op._checked_before(torch.tensor([[3, 4]]), torch.tensor([0]), 12)  # CPU: always checked
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_backward_splits_queries_when_heads_are_few(dtype):
+    # With fewer (n, head) pairs than threads the CPU backward also cuts each head's queries into
+    # ranges with private grad_value copies; the sum must match the one-thread result.
+    coord = torch.float32 if dtype == torch.bfloat16 else dtype
+    inputs = make_inputs(1, 13, 2, 5, LEVELS, 3, dtype=dtype, coord_dtype=coord, seed=21, outside=0.3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads("cpu", inputs)
+        torch.set_num_threads(8)  # 2 heads, 8 threads: 4 query ranges per head
+        split = run_with_grads("cpu", inputs)
+    finally:
+        torch.set_num_threads(threads)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    for a, b in zip(split, one):
+        assert rel_err(a, b) < tol
+    ref = reference_with_grads(inputs)
+    for a, b in zip(split[:3], ref[:3]):
+        assert rel_err(a, b) < tol
