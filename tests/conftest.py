@@ -4,10 +4,12 @@ Triton compiles its own library functions (tl.sum, tl.cdiv, ...) for the interpr
 when triton is first imported, so compiled and interpreted kernels cannot share a process. On a host
 without CUDA the Triton kernels can only run interpreted: import triton in that mode here, before
 any test module (or torch.compile) imports it, then restore the environment so that nothing else
-sees the variable. The Triton test modules set it again around their own tests.
+sees the variable. Tests that run Triton kernels on CPU tensors set it again for their own duration with the
+`triton_interpreter` fixture.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -22,3 +24,11 @@ if not torch.cuda.is_available():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for one test on a host without CUDA, where Triton kernels of CPU tensors
+    can only run interpreted (the backends' availability checks read the variable)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")

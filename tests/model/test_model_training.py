@@ -1,5 +1,4 @@
 """Training-grade behaviour: freezing, gradient checkpointing, bf16 autocast, backends, torch.compile."""
-import contextlib
 import os
 
 import pytest
@@ -85,7 +84,7 @@ def test_bf16_autocast(tiny, tiny_batch):
 
 
 @pytest.mark.skipif(dbsam.ops.report(("cpu",)).find("cpu        available") < 0, reason="C++ cpu backend not built")
-def test_backends_agree(tiny, tiny_batch):
+def test_backends_agree(tiny, tiny_batch, triton_interpreter):
     """reference vs C++ cpu kernels through the whole model, forward and backward. At init every
     sampling point sits exactly on a pixel centre (pixel-centre reference + whole-pixel offsets),
     where bilinear interpolation has no derivative and backends may pick either side: move the
@@ -99,7 +98,7 @@ def test_backends_agree(tiny, tiny_batch):
     results = {}
     for backend in ("reference", "cpu", "triton"):
         tiny.zero_grad(set_to_none=True)
-        with _interpreted_triton(), dbsam.ops.use_backend(backend):
+        with dbsam.ops.use_backend(backend):
             if any(dbsam.ops._backends.why_not(op, backend, images.device)
                    for op in ("ms_deform_attn", "channel_attention")):
                 continue  # triton absent, or imported compiled (a host with CUDA): its own tests cover it
@@ -114,18 +113,6 @@ def test_backends_agree(tiny, tiny_batch):
             torch.testing.assert_close(results[backend][1][n], g, rtol=1e-3, atol=1e-5, msg=f"{backend}: {n}")
 
 
-@contextlib.contextmanager
-def _interpreted_triton():
-    """TRITON_INTERPRET=1 for the block: Triton kernels on CPU tensors run in its interpreter."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def test_no_graph_breaks(tiny, tiny_batch):

@@ -13,51 +13,22 @@ from _ca_common import make_inputs, rel_err
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Without a GPU the kernels run in the Triton interpreter, which must be on when triton is first
-# imported (its tl.sum & co. are built then). Turn it on for that import only; the fixture below
-# sets TRITON_INTERPRET=1 again while these tests run, so other modules' dispatch is unaffected.
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    _old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed", allow_module_level=True)
-    finally:
-        if _old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _old
+# imported: tests/conftest.py imports it so, and `triton_interpreter` sets TRITON_INTERPRET=1 again
+# while each test runs, so other modules' dispatch is unaffected.
 triton = pytest.importorskip("triton", reason="triton is not installed")
 if DEVICE == "cpu" and type(triton.language.sum).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set (run with TRITON_INTERPRET=1 "
-                "or this file first)", allow_module_level=True)
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set (run the tests through pytest "
+                "from the repository, or with TRITON_INTERPRET=1)", allow_module_level=True)
 
 from dbsam.ops.channel_attention import channel_attention, channel_attention_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def interpret_on_cpu():
+def interpret_on_cpu(triton_interpreter):
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes; avoids OpenMP barrier stalls on a shared machine
-    try:
-        yield from _interpret_on_cpu()
-    finally:
-        torch.set_num_threads(n)
-
-
-def _interpret_on_cpu():
-    if DEVICE == "cuda":
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    yield
+    torch.set_num_threads(n)
 
 
 def _check(shape, dtype, wdtype=None, scale=None, tol=2e-6, gtol=2e-5):

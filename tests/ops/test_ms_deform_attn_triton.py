@@ -3,8 +3,8 @@
 Triton fixes a process's mode (compiled or interpreted) when it is first imported: it jits its
 own library functions (tl.sum, tl.cdiv) for the TRITON_INTERPRET of that moment. So:
 
-CPU host: this module imports triton with TRITON_INTERPRET=1 (then restores the environment) and
-the kernels run under the interpreter. The variable is set again per test by the autouse fixture,
+CPU host: tests/conftest.py imports triton with TRITON_INTERPRET=1 (then restores the environment)
+and the kernels run under the interpreter. The variable is set again per test by the autouse fixture,
 never for the whole session: with it set, `auto` dispatch would pick the slow interpreter for
 every other CPU test. Shapes are tiny: the interpreter runs numpy per block operation, and this
 file must stay well under 2 minutes on 2 shared cores. If triton was already imported in compiled
@@ -33,17 +33,6 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON,
                                 reason="triton is not installed (the CPU-only torch has none): the Triton "
                                        "backend is unavailable")
 
-if HAS_TRITON and not HAS_CUDA and "triton" not in sys.modules:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401  (fixes the interpreter mode for this process)
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
-
 from dbsam.ops.ms_deform_attn import op as msda_op  # noqa: E402
 from dbsam.ops.ms_deform_attn.reference import ms_deform_attn_reference  # noqa: E402
 
@@ -62,9 +51,9 @@ def _mode(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     elif name not in _ANY_MODE:
         if not INTERPRETED:
-            pytest.skip("the interpreter tests need triton first imported with TRITON_INTERPRET=1 (this module "
-                        "does that on a host without CUDA, unless triton was imported before it: run this file "
-                        "alone or with TRITON_INTERPRET=1)")
+            pytest.skip("the interpreter tests need triton first imported with TRITON_INTERPRET=1 (tests/conftest.py "
+                        "does that on a host without CUDA, unless triton was imported before it: run the "
+                        "tests through pytest from the repository, or with TRITON_INTERPRET=1)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
