@@ -15,7 +15,8 @@
 #   bench_msda, bench_ca, bench_model
 #              pytest-benchmark, one file each (a cut step loses only its own figures):
 #              --benchmark-json=$OUT/bench_<name>.json
-#   bench_slow torch.compile(mode="max-autotune") of the adapter and the Triton autotune sweep (last:
+#   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
+#              and the Triton autotune sweep (last:
 #              minutes of compiling, the first thing to drop when time is short)
 #   report     a table of every benchmark JSON (benchmarks/gpu_report.py)
 # Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
@@ -167,11 +168,13 @@ bench() {  # bench NAME PYTEST-ARGS...
   local name=$1; shift
   "$PYTHON" -m pytest "$@" --benchmark-only --benchmark-json="$OUT/bench_$name.json" -q -p no:cacheprovider
 }
-step_bench_msda() { bench msda benchmarks/test_ms_deform_attn.py; }
+# torch.compile of the reference compiles per shape and dtype (tens of seconds each): in bench_slow.
+step_bench_msda() { bench msda benchmarks/test_ms_deform_attn.py -k "not reference_compiled"; }
 step_bench_ca() { bench ca benchmarks/test_channel_attention.py -k "not max_autotune"; }
 step_bench_model() { bench model benchmarks/test_model.py; }
 step_bench_slow() {
-  bench slow benchmarks/test_channel_attention.py benchmarks/test_ms_deform_attn_triton_tune.py -k "max_autotune or tune"
+  bench slow benchmarks/test_channel_attention.py benchmarks/test_ms_deform_attn.py benchmarks/test_ms_deform_attn_triton_tune.py \
+    -k "max_autotune or tune or reference_compiled"
 }
 
 step_report() {
@@ -186,14 +189,14 @@ export HAVE_GPU GPU_WHY PYTHON OUT
 run_step info 30 0 bash -c step_info
 run_step build 150 0 bash -c step_build
 run_step ptxas 15 0 bash -c step_ptxas
-run_step tests_cuda 120 1 bash -c step_tests_cuda
+run_step tests_cuda 90 1 bash -c step_tests_cuda
 run_step tests 120 0 bash -c step_tests
-run_step memcheck 70 1 bash -c step_memcheck
-run_step racecheck 50 1 bash -c step_racecheck
-TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
-TAIL_LINES=5 run_step bench_msda 120 1 bash -c step_bench_msda
-TAIL_LINES=5 run_step bench_ca 40 1 bash -c step_bench_ca
-TAIL_LINES=5 run_step bench_model 60 1 bash -c step_bench_model
+run_step memcheck 60 1 bash -c step_memcheck
+run_step racecheck 45 1 bash -c step_racecheck
+TAIL_LINES=12 run_step ab 45 1 bash -c step_ab
+TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
+TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
+TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
 
