@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include "common/format.h"
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace dbsam {
@@ -25,27 +26,27 @@ inline bool is_low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat
 inline Dims check_args(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                        const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
                        const at::Tensor& fc2_weight, const at::Tensor& pw_weight) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "channel_attention: x must be [B, H, W, C], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "channel_attention: x must be [B, H, W, C], got ", shape_str(x.sizes()));
   Dims d{x.size(0), x.size(1), x.size(2), x.size(3), fc1_weight.dim() > 0 ? fc1_weight.size(0) : 0};
   TORCH_CHECK_VALUE(d.H > 0 && d.W > 0 && d.C > 0, "channel_attention: H, W and C must be positive, got ",
-                    x.sizes());
+                    shape_str(x.sizes()));
   TORCH_CHECK_VALUE(ln_weight.dim() == 1 && ln_weight.size(0) == d.C,
-                    "channel_attention: ln_weight must be [C] = [", d.C, "], got ", ln_weight.sizes());
+                    "channel_attention: ln_weight must be [C] = [", d.C, "], got ", shape_str(ln_weight.sizes()));
   TORCH_CHECK_VALUE(ln_bias.dim() == 1 && ln_bias.size(0) == d.C,
-                    "channel_attention: ln_bias must be [C] = [", d.C, "], got ", ln_bias.sizes());
+                    "channel_attention: ln_bias must be [C] = [", d.C, "], got ", shape_str(ln_bias.sizes()));
   TORCH_CHECK_VALUE(dw_weight.sizes() == at::IntArrayRef({d.C, 1, 3, 3}),
                     "channel_attention: dw_weight must be [C, 1, 3, 3] with C = ", d.C, ", got ",
-                    dw_weight.sizes());
+                    shape_str(dw_weight.sizes()));
   TORCH_CHECK_VALUE(fc1_weight.dim() == 4 && d.R > 0 &&
                         fc1_weight.sizes() == at::IntArrayRef({d.R, d.C, 1, 1}),
                     "channel_attention: fc1_weight must be [C/r, C, 1, 1] with C = ", d.C, ", got ",
-                    fc1_weight.sizes());
+                    shape_str(fc1_weight.sizes()));
   TORCH_CHECK_VALUE(fc2_weight.sizes() == at::IntArrayRef({d.C, d.R, 1, 1}),
                     "channel_attention: fc2_weight must be [C, C/r, 1, 1] = [", d.C, ", ", d.R,
-                    ", 1, 1], got ", fc2_weight.sizes());
+                    ", 1, 1], got ", shape_str(fc2_weight.sizes()));
   TORCH_CHECK_VALUE(pw_weight.sizes() == at::IntArrayRef({d.C, d.C, 1, 1}),
                     "channel_attention: pw_weight must be [C, C, 1, 1] with C = ", d.C, ", got ",
-                    pw_weight.sizes());
+                    shape_str(pw_weight.sizes()));
   const auto xt = x.scalar_type();
   TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kDouble || is_low(xt),
                    "channel_attention: x must be float32, float64, float16 or bfloat16, got ", xt);
@@ -64,7 +65,7 @@ inline void check_scale(const Dims& d, const at::Tensor& x, const c10::optional<
   if (!scale.has_value()) return;
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == d.B,
-                    "channel_attention: branch_scale must be [B] = [", d.B, "], got ", scale->sizes());
+                    "channel_attention: branch_scale must be [B] = [", d.B, "], got ", shape_str(scale->sizes()));
   TORCH_CHECK_TYPE(scale->scalar_type() == st, "channel_attention: branch_scale must be ", st, ", got ",
                    scale->scalar_type());
   TORCH_CHECK_VALUE(scale->device() == x.device(), "channel_attention: branch_scale must be on ",
@@ -74,7 +75,7 @@ inline void check_scale(const Dims& d, const at::Tensor& x, const c10::optional<
 inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tensor& x,
                         const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pooled) {
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "channel_attention_backward: grad_y must be ",
-                    x.sizes(), ", got ", grad_y.sizes());
+                    shape_str(x.sizes()), ", got ", shape_str(grad_y.sizes()));
   TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
                    "channel_attention_backward: grad_y must have x's dtype");
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

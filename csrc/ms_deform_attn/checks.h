@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include "common/format.h"
 
 #include <utility>
 
@@ -18,25 +19,25 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                        const at::Tensor& attention_weights) {
   TORCH_CHECK_VALUE(value.dim() == 4, "ms_deform_attn: value must be [N, S, M, D], got ",
-                    value.sizes());
+                    shape_str(value.sizes()));
   TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-                    "ms_deform_attn: spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
+                    "ms_deform_attn: spatial_shapes must be [L, 2], got ", shape_str(spatial_shapes.sizes()));
   const int64_t L = spatial_shapes.size(0);
   TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == L,
                     "ms_deform_attn: level_start_index must be [L] = [", L, "], got ",
-                    level_start_index.sizes());
+                    shape_str(level_start_index.sizes()));
   TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
                     "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2], got ",
-                    sampling_locations.sizes());
+                    shape_str(sampling_locations.sizes()));
   Dims d{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
          L, sampling_locations.size(4)};
   TORCH_CHECK_VALUE(sampling_locations.size(0) == d.N && sampling_locations.size(2) == d.M &&
                         sampling_locations.size(3) == L,
                     "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2] = [", d.N,
-                    ", Lq, ", d.M, ", ", L, ", P, 2], got ", sampling_locations.sizes());
+                    ", Lq, ", d.M, ", ", L, ", P, 2], got ", shape_str(sampling_locations.sizes()));
   TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
                     "ms_deform_attn: attention_weights must be [N, Lq, M, L, P] = ",
-                    sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+                    shape_str(sampling_locations.sizes().slice(0, 5)), ", got ", shape_str(attention_weights.sizes()));
   TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong &&
                        level_start_index.scalar_type() == at::kLong,
                    "ms_deform_attn: spatial_shapes and level_start_index must be int64");

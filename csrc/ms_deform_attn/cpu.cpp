@@ -6,6 +6,7 @@
 // N*M tasks would leave threads idle (one image, 8 heads, a 32-core CPU), each (n, m) also splits
 // its queries, the extra ranges accumulating into private copies of grad_value that are summed.
 #include <ATen/ATen.h>
+#include "common/format.h"
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   TORCH_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D &&
                         grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
                     "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+                    d.Lq, ", ", d.M * d.D, "], got ", shape_str(grad_output.sizes()));
   TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
                    "ms_deform_attn_backward: grad_output must have value's dtype");
   TORCH_CHECK_VALUE(grad_output.device() == value.device(),

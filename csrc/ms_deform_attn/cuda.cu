@@ -21,6 +21,7 @@
 // stably and one group per distinct row sums its contributions in sorted order: no atomics,
 // bitwise identical across runs (see benchmarks/NOTES.md for the byte and atomic counts).
 #include <ATen/ATen.h>
+#include "common/format.h"
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -466,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   TORCH_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
                         grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
                     "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+                    d.Lq, ", ", d.M * d.D, "], got ", shape_str(grad_output.sizes()));
   TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
                    "ms_deform_attn_backward: grad_output must have value's dtype");
   TORCH_CHECK_VALUE(grad_output.device() == value.device(),
