@@ -339,6 +339,10 @@ _COMPILED_MODE_SCRIPT = textwrap.dedent("""
     }
     for kind, (fn, sig) in sigs.items():
         sig.update({k: "i32" for k in ("Lq", "S", "M", "D", "L", "P", "LP")})
+        # A real launch takes constexpr-ness from the jitted function's annotations (lost once by
+        # copying the kernel: the first GPU run failed with "arange's arguments must be constexpr").
+        const_names = {p.name for p in fn.params if p.is_constexpr}
+        assert const_names == {"BLOCK_Q", "BLOCK_D", "ACC_FP64"}, (kind, const_names)
         sig.update({k: "constexpr" for k in ("BLOCK_Q", "BLOCK_D", "ACC_FP64")})
         # Pointers 16-byte aligned, D = 64 and Lq = 4096 divisible by 16, as Triton specialises them.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig)

@@ -10,8 +10,9 @@ is set after triton was imported.
 import triton
 import triton.language as tl
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# Compiled kernels may read only constexpr globals (the interpreter accepts plain floats too).
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -318,6 +318,10 @@ class _Kernels:
             copy.__module__ = fn.__module__
             copy.__qualname__ = fn.__qualname__
             copy.__doc__ = fn.__doc__
+            # FunctionType copies no annotations: without them Triton sees BLOCK_Q etc. as runtime
+            # arguments ("arange's arguments must be of type tl.constexpr" at the first launch).
+            copy.__annotations__ = dict(fn.__annotations__)
+            copy.__kwdefaults__ = fn.__kwdefaults__
             # What triton.jit returns in each mode, chosen here rather than by the environment at
             # this moment, so that a cached mode never holds the other mode's kernels.
             if interpret and helper:
