@@ -1,5 +1,6 @@
 """A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head), plus the
-deterministic backward, at two kernels.md shapes. Prints one line per case: median microseconds of
+deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
+uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
 time) against a device copy measured in the same run. Each order runs in a fresh process because
 the kernels read the variable once.
@@ -10,11 +11,14 @@ import os
 import subprocess
 import sys
 
+INJECTOR = [(128, 128), (64, 64), (32, 32)]
 CASES = {
-    # name: (Lq, levels, M, D, P, value dtype)
-    "vitadapter_injector-bf16": (4096, [(128, 128), (64, 64), (32, 32)], 12, 64, 4, "bfloat16"),
-    "vitadapter_injector-f32": (4096, [(128, 128), (64, 64), (32, 32)], 12, 64, 4, "float32"),
-    "detr_encoder-f32": (17821, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4, "float32"),
+    # name: (N, Lq, levels, M, D, P, value dtype, locality)
+    "dbsam_vit_from_conv-N8-bf16": (8, 4096, [(64, 64)], 12, 64, 4, "bfloat16", "model"),
+    "vitadapter_injector-N8-bf16": (8, 4096, INJECTOR, 12, 64, 4, "bfloat16", "model"),
+    "vitadapter_injector-N8-f32": (8, 4096, INJECTOR, 12, 64, 4, "float32", "model"),
+    "vitadapter_injector-N8-bf16-uniform": (8, 4096, INJECTOR, 12, 64, 4, "bfloat16", "uniform"),
+    "detr_encoder-N2-f32": (2, 17821, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4, "float32", "model"),
 }
 
 
@@ -22,6 +26,7 @@ def child() -> None:
     import torch
 
     import dbsam.ops  # noqa: F401
+    from msda_inputs import locations_and_weights
 
     fwd, bwd = torch.ops.dbsam.ms_deform_attn_forward, torch.ops.dbsam.ms_deform_attn_backward
     dev = torch.device("cuda")
@@ -43,7 +48,7 @@ def child() -> None:
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / (median_us(lambda: dst.copy_(src)) * 1e-6)
     order = os.environ.get("DBSAM_MSDA_ORDER", "default")
-    for name, (Lq, levels, M, D, P, dt) in CASES.items():
+    for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator().manual_seed(0)
         spatial = torch.tensor(levels, dtype=torch.int64)
@@ -51,17 +56,17 @@ def child() -> None:
         starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).to(dev)
         spatial = spatial.to(dev)
         S, L = int(areas.sum()), len(levels)
-        value = torch.randn(1, S, M, D, generator=g).to(dev, dtype)
-        loc = (torch.rand(1, Lq, M, L, P, 2, generator=g) * 1.2 - 0.1).to(dev)
-        attn = torch.rand(1, Lq, M, L, P, generator=g).to(dev)
-        go = torch.randn(1, Lq, M * D, generator=g).to(dev, dtype)
+        value = torch.randn(N, S, M, D, generator=g).to(dev, dtype)
+        loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cpu", generator=g, locality=locality)
+        loc, attn = loc.to(dev), attn.to(dev)
+        go = torch.randn(N, Lq, M * D, generator=g).to(dev, dtype)
         t_f = median_us(lambda: fwd(value, spatial, starts, loc, attn))
         t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
         torch.use_deterministic_algorithms(True)
-        t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=5)
+        t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=3)
         torch.use_deterministic_algorithms(False)
         floor = value.numel() * value.element_size() + loc.numel() * 4 + attn.numel() * 4 + go.numel() * go.element_size()
-        print(f"order={order:7} {name:26} fwd {t_f:8.1f} us ({floor / t_f / 1e3:7.1f} GB/s, "
+        print(f"order={order:7} {name:36} fwd {t_f:8.1f} us ({floor / t_f / 1e3:7.1f} GB/s, "
               f"{100 * floor / (t_f * 1e-6) / copy_bw:5.1f}% of copy {copy_bw / 1e9:.0f} GB/s)   "
               f"bwd {t_b:8.1f} us   bwd deterministic {t_d:8.1f} us", flush=True)
 

@@ -2,6 +2,8 @@
 
 GPU: every shape at N = 1 and 8, fp32 and bf16 (fp32 locations/weights), forward and
 forward+backward; plus torch.compile of the reference and `deformops` (when installed) at N = 8.
+Locations are drawn as a model makes them (reference point + per-head offsets, msda_inputs.py);
+rows marked `uniform` draw them uniformly over the map instead (no locality: the caches' worst case).
 CPU: the DB-SAM one-level shape at full size (N = 1) and the others scaled down, fp32.
 
 Run: pytest benchmarks/ --benchmark-only   (add --benchmark-json=FILE to keep the figures)
@@ -15,6 +17,7 @@ from dbsam.ops import ms_deform_attn, ms_deform_attn_reference
 from dbsam.ops._backends import why_not
 
 from conftest import DEVICE, ON_GPU, report_bandwidth, sync
+from msda_inputs import locations_and_weights
 
 # name: (Lq, levels, M, D, P)
 SHAPES = {
@@ -30,13 +33,16 @@ SHAPES = {
 del SHAPES["dbsam_conv_from_vit"]
 
 if ON_GPU:
-    CASES = [(name, n, dt) for name in SHAPES for n in (1, 8) for dt in ("float32", "bfloat16")]
+    CASES = [(name, n, dt, "model") for name in SHAPES for n in (1, 8) for dt in ("float32", "bfloat16")]
+    CASES += [(name, 8, dt, "uniform") for name in ("dbsam_vit_from_conv", "vitadapter_injector")
+              for dt in ("float32", "bfloat16")]
     BACKENDS = ["cuda", "triton", "reference", "reference_compiled", "deformops"]
 else:
     # Full DB-SAM shape (the README's CPU figure), the rest scaled to a few queries per level.
-    CASES = [("dbsam_vit_from_conv", 1, "float32")] + [(name, 1, "float32") for name in SHAPES
-                                                        if name != "dbsam_vit_from_conv"]
+    CASES = [("dbsam_vit_from_conv", 1, "float32", "model")] + [
+        (name, 1, "float32", "model") for name in SHAPES if name != "dbsam_vit_from_conv"]
     BACKENDS = ["cpu", "reference"]
+IDS = [f"{n}-N{b}-{d}" + ("-uniform" if loc == "uniform" else "") for n, b, d, loc in CASES]
 
 
 def shape_of(name):
@@ -47,7 +53,7 @@ def shape_of(name):
     return Lq, levels, M, D, P
 
 
-def make(name, N, dtype_name):
+def make(name, N, dtype_name, locality="model"):
     Lq, levels, M, D, P = shape_of(name)
     dtype = getattr(torch, dtype_name)
     # Drawn on the device: at N = 8 the inputs are hundreds of MB, seconds of CPU time to draw.
@@ -57,9 +63,7 @@ def make(name, N, dtype_name):
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     S, L = int(areas.sum()), len(levels)
     value = torch.randn(N, S, M, D, generator=g, device=DEVICE).to(dtype)
-    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, device=DEVICE) * 1.2 - 0.1
-    attn = torch.rand(N, Lq, M, L, P, generator=g, device=DEVICE)
-    attn = attn / attn.sum((-1, -2), keepdim=True)
+    loc, attn = locations_and_weights(N, Lq, levels, M, P, device=DEVICE, generator=g, locality=locality)
     return value, spatial.to(DEVICE), starts.to(DEVICE), loc, attn, levels
 
 
@@ -84,20 +88,24 @@ def runner(backend, levels):
         return lambda v, s, st, l, a: fn(v, sampling_locations=l, attention_weights=a)
     if backend == "deformops":
         # deformops (the strongest public peer; Python >= 3.12, torch >= 2.11): its dispatching
-        # entry point deformops.registry.msda takes the same five tensors.
+        # entry point deformops.registry.msda takes the same five tensors, all of one dtype (it
+        # rejects fp32 locations/weights with a bf16 value): they are cast to value's dtype, which
+        # is how it runs in a bf16 model, and the (differentiable) cast is timed with it.
         registry = pytest.importorskip("deformops.registry", reason="deformops is not installed")
-        return lambda v, s, st, l, a: registry.msda(v, s, st, l, a)
+        return lambda v, s, st, l, a: registry.msda(v, s, st, l.to(v.dtype), a.to(v.dtype))
     reason = why_not("ms_deform_attn", backend, DEVICE)
     if reason:
         pytest.skip(f"{backend} backend unavailable: {reason}")
     return lambda v, s, st, l, a: ms_deform_attn(v, s, st, l, a, backend=backend)
 
 
-def skip_peer(backend, name, N):
+def skip_peer(backend, name, N, locality="model"):
     # Peers are measured where the goals are set (N = 8), and torch.compile of the reference (a
     # compile per shape and dtype, tens of seconds each) only at the two DB-SAM-relevant shapes.
     if backend in ("reference_compiled", "deformops") and N != 8:
         pytest.skip("peers are measured at N = 8 only, to keep the GPU check short")
+    if backend in ("reference", "reference_compiled") and locality == "uniform":
+        pytest.skip("the grid_sample reference reads every corner whatever the locations: measured once, on `model` rows")
     if backend == "reference_compiled" and name not in ("dbsam_vit_from_conv", "vitadapter_injector"):
         pytest.skip("torch.compile of the reference is measured at the DB-SAM and ViT-Adapter injector shapes only")
 
@@ -108,10 +116,10 @@ def _rounds(value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,N,dtype", CASES, ids=[f"{n}-N{b}-{d}" for n, b, d in CASES])
-def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype):
-    skip_peer(backend, name, N)
-    value, spatial, starts, loc, attn, levels = make(name, N, dtype)
+@pytest.mark.parametrize("name,N,dtype,locality", CASES, ids=IDS)
+def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
+    skip_peer(backend, name, N, locality)
+    value, spatial, starts, loc, attn, levels = make(name, N, dtype, locality)
     fn = runner(backend, levels)
 
     def step():
@@ -120,16 +128,16 @@ def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype):
         sync()
         return out
 
-    benchmark.group = f"msda-fwd-{name}-N{N}-{dtype}"
+    benchmark.group = f"msda-fwd-{name}-N{N}-{dtype}" + ("-uniform" if locality == "uniform" else "")
     benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=2)
     report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=False), copy_bandwidth)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,N,dtype", CASES, ids=[f"{n}-N{b}-{d}" for n, b, d in CASES])
-def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype):
-    skip_peer(backend, name, N)
-    value, spatial, starts, loc, attn, levels = make(name, N, dtype)
+@pytest.mark.parametrize("name,N,dtype,locality", CASES, ids=IDS)
+def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
+    skip_peer(backend, name, N, locality)
+    value, spatial, starts, loc, attn, levels = make(name, N, dtype, locality)
     fn = runner(backend, levels)
     value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
     grad = torch.randn(N, loc.shape[1], value.shape[2] * value.shape[3], device=DEVICE, dtype=value.dtype)
@@ -140,6 +148,6 @@ def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype):
         sync()
         return grads
 
-    benchmark.group = f"msda-fwdbwd-{name}-N{N}-{dtype}"
+    benchmark.group = f"msda-fwdbwd-{name}-N{N}-{dtype}" + ("-uniform" if locality == "uniform" else "")
     benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=1)
     report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=True), copy_bandwidth)

@@ -19,6 +19,8 @@ import os
 import pytest
 import torch
 
+from msda_inputs import locations_and_weights
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = {
@@ -48,12 +50,10 @@ def _inputs(N, Lq, levels, M, D, P, dtype):
     areas = shapes[:, 0] * shapes[:, 1]
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     S = int(areas.sum())
-    L = len(levels)
     value = torch.randn(N, S, M, D, device="cuda").to(dtype)
     # Sampling points near a per-query reference point, as the real modules produce.
-    ref = torch.rand(N, Lq, 1, 1, 1, 2, device="cuda")
-    loc = ref + 0.05 * torch.randn(N, Lq, M, L, P, 2, device="cuda")
-    attn = torch.softmax(torch.randn(N, Lq, M, L * P, device="cuda"), -1).view(N, Lq, M, L, P)
+    g = torch.Generator("cuda").manual_seed(0)
+    loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cuda", generator=g)
     return value, shapes, starts, loc, attn
 
 
