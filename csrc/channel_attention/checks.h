@@ -1,10 +1,10 @@
 // Host-side argument checks of channel_attention shared by the CPU and CUDA entry points. The Python
 // wrapper (dbsam/ops/channel_attention/op.py) validates first with friendlier messages; these keep a
-// direct call through torch.ops.dbsam safe. TORCH_CHECK_VALUE/TYPE surface as ValueError/TypeError.
+// direct call through torch.ops.dbsam safe. DBSAM_CHECK_VALUE/TYPE (common/check.h) surface as ValueError/TypeError.
 #pragma once
 
 #include <ATen/ATen.h>
-#include "common/format.h"
+#include "common/check.h"
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace dbsam {
@@ -26,36 +26,36 @@ inline bool is_low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat
 inline Dims check_args(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                        const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
                        const at::Tensor& fc2_weight, const at::Tensor& pw_weight) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "channel_attention: x must be [B, H, W, C], got ", shape_str(x.sizes()));
+  DBSAM_CHECK_VALUE(x.dim() == 4, "channel_attention: x must be [B, H, W, C], got ", x.sizes());
   Dims d{x.size(0), x.size(1), x.size(2), x.size(3), fc1_weight.dim() > 0 ? fc1_weight.size(0) : 0};
-  TORCH_CHECK_VALUE(d.H > 0 && d.W > 0 && d.C > 0, "channel_attention: H, W and C must be positive, got ",
-                    shape_str(x.sizes()));
-  TORCH_CHECK_VALUE(ln_weight.dim() == 1 && ln_weight.size(0) == d.C,
-                    "channel_attention: ln_weight must be [C] = [", d.C, "], got ", shape_str(ln_weight.sizes()));
-  TORCH_CHECK_VALUE(ln_bias.dim() == 1 && ln_bias.size(0) == d.C,
-                    "channel_attention: ln_bias must be [C] = [", d.C, "], got ", shape_str(ln_bias.sizes()));
-  TORCH_CHECK_VALUE(dw_weight.sizes() == at::IntArrayRef({d.C, 1, 3, 3}),
+  DBSAM_CHECK_VALUE(d.H > 0 && d.W > 0 && d.C > 0, "channel_attention: H, W and C must be positive, got ",
+                    x.sizes());
+  DBSAM_CHECK_VALUE(ln_weight.dim() == 1 && ln_weight.size(0) == d.C,
+                    "channel_attention: ln_weight must be [C] = [", d.C, "], got ", ln_weight.sizes());
+  DBSAM_CHECK_VALUE(ln_bias.dim() == 1 && ln_bias.size(0) == d.C,
+                    "channel_attention: ln_bias must be [C] = [", d.C, "], got ", ln_bias.sizes());
+  DBSAM_CHECK_VALUE(dw_weight.sizes() == at::IntArrayRef({d.C, 1, 3, 3}),
                     "channel_attention: dw_weight must be [C, 1, 3, 3] with C = ", d.C, ", got ",
-                    shape_str(dw_weight.sizes()));
-  TORCH_CHECK_VALUE(fc1_weight.dim() == 4 && d.R > 0 &&
+                    dw_weight.sizes());
+  DBSAM_CHECK_VALUE(fc1_weight.dim() == 4 && d.R > 0 &&
                         fc1_weight.sizes() == at::IntArrayRef({d.R, d.C, 1, 1}),
                     "channel_attention: fc1_weight must be [C/r, C, 1, 1] with C = ", d.C, ", got ",
-                    shape_str(fc1_weight.sizes()));
-  TORCH_CHECK_VALUE(fc2_weight.sizes() == at::IntArrayRef({d.C, d.R, 1, 1}),
+                    fc1_weight.sizes());
+  DBSAM_CHECK_VALUE(fc2_weight.sizes() == at::IntArrayRef({d.C, d.R, 1, 1}),
                     "channel_attention: fc2_weight must be [C, C/r, 1, 1] = [", d.C, ", ", d.R,
-                    ", 1, 1], got ", shape_str(fc2_weight.sizes()));
-  TORCH_CHECK_VALUE(pw_weight.sizes() == at::IntArrayRef({d.C, d.C, 1, 1}),
+                    ", 1, 1], got ", fc2_weight.sizes());
+  DBSAM_CHECK_VALUE(pw_weight.sizes() == at::IntArrayRef({d.C, d.C, 1, 1}),
                     "channel_attention: pw_weight must be [C, C, 1, 1] with C = ", d.C, ", got ",
-                    shape_str(pw_weight.sizes()));
+                    pw_weight.sizes());
   const auto xt = x.scalar_type();
-  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kDouble || is_low(xt),
+  DBSAM_CHECK_TYPE(xt == at::kFloat || xt == at::kDouble || is_low(xt),
                    "channel_attention: x must be float32, float64, float16 or bfloat16, got ", xt);
   for (const at::Tensor* t : {&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}) {
     const auto wt = t->scalar_type();
-    TORCH_CHECK_TYPE(wt == xt || (is_low(xt) && wt == at::kFloat),
+    DBSAM_CHECK_TYPE(wt == xt || (is_low(xt) && wt == at::kFloat),
                      "channel_attention: weights must have x's dtype (", xt, ")",
                      is_low(xt) ? " or float32" : "", ", got ", wt);
-    TORCH_CHECK_VALUE(t->device() == x.device(), "channel_attention: all tensors must be on ",
+    DBSAM_CHECK_VALUE(t->device() == x.device(), "channel_attention: all tensors must be on ",
                       x.device(), ", got one on ", t->device());
   }
   return d;
@@ -64,30 +64,30 @@ inline Dims check_args(const at::Tensor& x, const at::Tensor& ln_weight, const a
 inline void check_scale(const Dims& d, const at::Tensor& x, const c10::optional<at::Tensor>& scale) {
   if (!scale.has_value()) return;
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == d.B,
-                    "channel_attention: branch_scale must be [B] = [", d.B, "], got ", shape_str(scale->sizes()));
-  TORCH_CHECK_TYPE(scale->scalar_type() == st, "channel_attention: branch_scale must be ", st, ", got ",
+  DBSAM_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == d.B,
+                    "channel_attention: branch_scale must be [B] = [", d.B, "], got ", scale->sizes());
+  DBSAM_CHECK_TYPE(scale->scalar_type() == st, "channel_attention: branch_scale must be ", st, ", got ",
                    scale->scalar_type());
-  TORCH_CHECK_VALUE(scale->device() == x.device(), "channel_attention: branch_scale must be on ",
+  DBSAM_CHECK_VALUE(scale->device() == x.device(), "channel_attention: branch_scale must be on ",
                     x.device(), ", got ", scale->device());
 }
 
 inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tensor& x,
                         const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pooled) {
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "channel_attention_backward: grad_y must be ",
-                    shape_str(x.sizes()), ", got ", shape_str(grad_y.sizes()));
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
+  DBSAM_CHECK_VALUE(grad_y.sizes() == x.sizes(), "channel_attention_backward: grad_y must be ",
+                    x.sizes(), ", got ", grad_y.sizes());
+  DBSAM_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
                    "channel_attention_backward: grad_y must have x's dtype");
   const auto st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(mean.sizes() == at::IntArrayRef({d.B, d.H, d.W}) && rstd.sizes() == mean.sizes(),
+  DBSAM_CHECK_VALUE(mean.sizes() == at::IntArrayRef({d.B, d.H, d.W}) && rstd.sizes() == mean.sizes(),
                     "channel_attention_backward: mean/rstd must be [B, H, W]");
-  TORCH_CHECK_VALUE(pooled.sizes() == at::IntArrayRef({d.B, d.C}),
+  DBSAM_CHECK_VALUE(pooled.sizes() == at::IntArrayRef({d.B, d.C}),
                     "channel_attention_backward: pooled must be [B, C]");
   for (const at::Tensor* t : {&mean, &rstd, &pooled}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == st, "channel_attention_backward: saved statistics must be ", st);
+    DBSAM_CHECK_TYPE(t->scalar_type() == st, "channel_attention_backward: saved statistics must be ", st);
   }
   for (const at::Tensor* t : {&grad_y, &mean, &rstd, &pooled}) {
-    TORCH_CHECK_VALUE(t->device() == x.device(), "channel_attention_backward: all tensors must be on ",
+    DBSAM_CHECK_VALUE(t->device() == x.device(), "channel_attention_backward: all tensors must be on ",
                       x.device());
   }
 }

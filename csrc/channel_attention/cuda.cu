@@ -19,7 +19,7 @@
 //
 // Current stream, device guard, 64-bit offsets for every [B,H,W,C] index.
 #include <ATen/ATen.h>
-#include "common/format.h"
+#include "common/check.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -291,9 +291,9 @@ unsigned grid_stride_blocks(int64_t total, int threads) {
 }
 
 void check_cuda_dims(const Dims& d, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "channel_attention: the CUDA kernel got a tensor on ", x.device());
-  TORCH_CHECK_VALUE(d.H <= 65535 && d.B <= 65535 && d.C <= INT_MAX / 11 && d.W <= INT_MAX,
-                    "channel_attention: CUDA kernels support H, B <= 65535, got ", shape_str(x.sizes()));
+  DBSAM_CHECK_VALUE(x.is_cuda(), "channel_attention: the CUDA kernel got a tensor on ", x.device());
+  DBSAM_CHECK_VALUE(d.H <= 65535 && d.B <= 65535 && d.C <= INT_MAX / 11 && d.W <= INT_MAX,
+                    "channel_attention: CUDA kernels support H, B <= 65535, got ", x.sizes());
 }
 
 dim3 tile_grid(const Dims& d) {

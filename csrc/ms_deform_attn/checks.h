@@ -1,10 +1,10 @@
 // Host-side argument checks and dtype dispatch shared by the CPU and CUDA entry points. The Python
 // wrapper validates first and with friendlier messages; these checks keep a direct call through
-// torch.ops.dbsam safe too. TORCH_CHECK_VALUE/TYPE surface as ValueError/TypeError in Python.
+// torch.ops.dbsam safe too. DBSAM_CHECK_VALUE/TYPE (common/check.h) surface as ValueError/TypeError in Python.
 #pragma once
 
 #include <ATen/ATen.h>
-#include "common/format.h"
+#include "common/check.h"
 
 #include <utility>
 
@@ -18,44 +18,44 @@ struct Dims {
 inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                        const at::Tensor& attention_weights) {
-  TORCH_CHECK_VALUE(value.dim() == 4, "ms_deform_attn: value must be [N, S, M, D], got ",
-                    shape_str(value.sizes()));
-  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-                    "ms_deform_attn: spatial_shapes must be [L, 2], got ", shape_str(spatial_shapes.sizes()));
+  DBSAM_CHECK_VALUE(value.dim() == 4, "ms_deform_attn: value must be [N, S, M, D], got ",
+                    value.sizes());
+  DBSAM_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+                    "ms_deform_attn: spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
   const int64_t L = spatial_shapes.size(0);
-  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == L,
+  DBSAM_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == L,
                     "ms_deform_attn: level_start_index must be [L] = [", L, "], got ",
-                    shape_str(level_start_index.sizes()));
-  TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+                    level_start_index.sizes());
+  DBSAM_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
                     "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2], got ",
-                    shape_str(sampling_locations.sizes()));
+                    sampling_locations.sizes());
   Dims d{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
          L, sampling_locations.size(4)};
-  TORCH_CHECK_VALUE(sampling_locations.size(0) == d.N && sampling_locations.size(2) == d.M &&
+  DBSAM_CHECK_VALUE(sampling_locations.size(0) == d.N && sampling_locations.size(2) == d.M &&
                         sampling_locations.size(3) == L,
                     "ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2] = [", d.N,
-                    ", Lq, ", d.M, ", ", L, ", P, 2], got ", shape_str(sampling_locations.sizes()));
-  TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+                    ", Lq, ", d.M, ", ", L, ", P, 2], got ", sampling_locations.sizes());
+  DBSAM_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
                     "ms_deform_attn: attention_weights must be [N, Lq, M, L, P] = ",
-                    shape_str(sampling_locations.sizes().slice(0, 5)), ", got ", shape_str(attention_weights.sizes()));
-  TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong &&
+                    sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+  DBSAM_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong &&
                        level_start_index.scalar_type() == at::kLong,
                    "ms_deform_attn: spatial_shapes and level_start_index must be int64");
   const auto vt = value.scalar_type();
-  TORCH_CHECK_TYPE(vt == at::kFloat || vt == at::kDouble || vt == at::kHalf || vt == at::kBFloat16,
+  DBSAM_CHECK_TYPE(vt == at::kFloat || vt == at::kDouble || vt == at::kHalf || vt == at::kBFloat16,
                    "ms_deform_attn: value must be float32, float64, float16 or bfloat16, got ", vt);
   const auto ct = sampling_locations.scalar_type();
-  TORCH_CHECK_TYPE(attention_weights.scalar_type() == ct,
+  DBSAM_CHECK_TYPE(attention_weights.scalar_type() == ct,
                    "ms_deform_attn: sampling_locations and attention_weights must share a dtype, got ",
                    ct, " and ", attention_weights.scalar_type());
   const bool low = vt == at::kHalf || vt == at::kBFloat16;
-  TORCH_CHECK_TYPE(ct == vt || (low && ct == at::kFloat),
+  DBSAM_CHECK_TYPE(ct == vt || (low && ct == at::kFloat),
                    "ms_deform_attn: sampling_locations/attention_weights must have value's dtype (",
                    vt, ")", low ? " or float32" : "", ", got ", ct);
   const auto dev = value.device();
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations,
                               &attention_weights}) {
-    TORCH_CHECK_VALUE(t->device() == dev, "ms_deform_attn: all tensors must be on ", dev,
+    DBSAM_CHECK_VALUE(t->device() == dev, "ms_deform_attn: all tensors must be on ", dev,
                       ", got one on ", t->device());
   }
   return d;
@@ -70,13 +70,13 @@ inline void check_levels_on_host(const at::Tensor& spatial_shapes,
   const int64_t* st = starts.data_ptr<int64_t>();
   int64_t acc = 0;
   for (int64_t l = 0; l < shapes.size(0); ++l) {
-    TORCH_CHECK_VALUE(sh[2 * l] >= 0 && sh[2 * l + 1] >= 0,
+    DBSAM_CHECK_VALUE(sh[2 * l] >= 0 && sh[2 * l + 1] >= 0,
                       "ms_deform_attn: spatial_shapes must be non-negative");
-    TORCH_CHECK_VALUE(st[l] == acc, "ms_deform_attn: level_start_index[", l, "] must be ", acc,
+    DBSAM_CHECK_VALUE(st[l] == acc, "ms_deform_attn: level_start_index[", l, "] must be ", acc,
                       " (exclusive prefix sum of H*W), got ", st[l]);
     acc += sh[2 * l] * sh[2 * l + 1];
   }
-  TORCH_CHECK_VALUE(acc == S, "ms_deform_attn: spatial_shapes cover ", acc,
+  DBSAM_CHECK_VALUE(acc == S, "ms_deform_attn: spatial_shapes cover ", acc,
                     " rows but value has S = ", S);
 }
 
@@ -100,7 +100,7 @@ void dispatch_dtypes(at::ScalarType vt, at::ScalarType ct, const char* name, F&&
       if (ct == at::kFloat) return f(Tag<at::BFloat16>{}, Tag<float>{});
       return f(Tag<at::BFloat16>{}, Tag<at::BFloat16>{});
     default:
-      TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", vt);
+      DBSAM_CHECK_TYPE(false, name, ": unsupported dtype ", vt);
   }
 }
 

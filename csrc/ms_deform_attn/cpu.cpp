@@ -6,7 +6,7 @@
 // N*M tasks would leave threads idle (one image, 8 heads, a 32-core CPU), each (n, m) also splits
 // its queries, the extra ranges accumulating into private copies of grad_value that are summed.
 #include <ATen/ATen.h>
-#include "common/format.h"
+#include "common/check.h"
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -165,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights);
   check_levels_on_host(spatial_shapes, level_start_index, d.S);
-  TORCH_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D &&
+  DBSAM_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D &&
                         grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
                     "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
+                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+  DBSAM_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
                    "ms_deform_attn_backward: grad_output must have value's dtype");
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(),
+  DBSAM_CHECK_VALUE(grad_output.device() == value.device(),
                     "ms_deform_attn_backward: grad_output must be on ", value.device());
   auto go = grad_output.contiguous();
   auto v = value.contiguous();

@@ -21,7 +21,7 @@
 // stably and one group per distinct row sums its contributions in sorted order: no atomics,
 // bitwise identical across runs (see benchmarks/NOTES.md for the byte and atomic counts).
 #include <ATen/ATen.h>
-#include "common/format.h"
+#include "common/check.h"
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -346,7 +346,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 KDims make_dims(const Dims& d, int64_t groups, int vec) {
   KDims k{d.N, d.S, d.M, d.D, d.Lq, d.L, d.P, groups, 1, 0, 0, 0};
   const int64_t chunks = d.D / vec;
-  TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "ms_deform_attn: D too large");
+  DBSAM_CHECK(chunks <= std::numeric_limits<int>::max(), "ms_deform_attn: D too large");
   k.chunks = static_cast<int>(chunks);
   while (k.G < 32 && k.G < k.chunks) {
     k.G <<= 1;
@@ -384,14 +384,14 @@ Launch launch_for(int64_t threads) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t block = (threads + kThreads - 1) / kThreads < 2 * static_cast<int64_t>(sms) ? 64 : kThreads;
   const int64_t blocks = (threads + block - 1) / block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+  DBSAM_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "ms_deform_attn: problem too large for one launch (", blocks, " blocks)");
   return {dim3(static_cast<unsigned>(blocks)), static_cast<unsigned>(block)};
 }
 
 dim3 grid_for(int64_t threads) {
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+  DBSAM_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "ms_deform_attn: problem too large for one launch (", blocks, " blocks)");
   return dim3(static_cast<unsigned>(blocks));
 }
@@ -406,7 +406,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
                         const at::Tensor& attention_weights) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights);
-  TORCH_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
+  DBSAM_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
                     value.device());
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
@@ -462,15 +462,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& attention_weights) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights);
-  TORCH_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
+  DBSAM_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
                     value.device());
-  TORCH_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
+  DBSAM_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
                         grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
                     "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
+                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+  DBSAM_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
                    "ms_deform_attn_backward: grad_output must have value's dtype");
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(),
+  DBSAM_CHECK_VALUE(grad_output.device() == value.device(),
                     "ms_deform_attn_backward: grad_output must be on ", value.device());
   const c10::cuda::CUDAGuard guard(value.device());
   auto go = grad_output.contiguous();
