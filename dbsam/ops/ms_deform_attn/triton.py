@@ -105,8 +105,9 @@ def unavailable_reason(device: torch.device) -> str:
 
 def _locate(lx, ly, Hf, Wf, H, W, start, S, q_mask):
     """The bilinear footprint of one sample for a [BLOCK_Q] vector of queries (sampling.h's
-    `locate`). lx, ly are in the accumulation dtype. Returns (valid, lh, lw, four rows (int64,
-    clamped to 0 where unused) and four corner weights (0 for corners outside the map))."""
+    `locate`). lx, ly are in the accumulation dtype. Returns (valid, lh, lw, four rows (int64),
+    four corner masks (row inside the map and inside [0, S)) and four corner weights (not masked:
+    callers mask the loads and atomics instead))."""
     x = lx * Wf - 0.5
     y = ly * Hf - 0.5
     # Written so that NaN fails every comparison and lands in 'outside'.
@@ -137,14 +138,15 @@ def _locate(lx, ly, Hf, Wf, H, W, start, S, q_mask):
     ok1 = top & right & (r1 >= 0) & (r1 < S)
     ok2 = bottom & left & (r2 >= 0) & (r2 < S)
     ok3 = bottom & right & (r3 >= 0) & (r3 < S)
-    c0 = tl.where(ok0, hh * hw, 0.0)
-    c1 = tl.where(ok1, hh * lw, 0.0)
-    c2 = tl.where(ok2, lh * hw, 0.0)
-    c3 = tl.where(ok3, lh * lw, 0.0)
-    r0 = tl.where(ok0, r0, 0)
-    r1 = tl.where(ok1, r1, 0)
-    r2 = tl.where(ok2, r2, 0)
-    r3 = tl.where(ok3, r3, 0)
+    # The corner masks are used only as load/atomic masks ([BLOCK_Q, BLOCK_D] tiles), never on
+    # 1-D values: Triton 3.6 (torch 2.11's) failed to compile sm90 code that also selected 1-D
+    # weights or rows with them (RemoveLayoutConversions gave the select operands mismatched
+    # layouts). Nothing needs them there: a masked load gives 0 for a corner outside the map, so its
+    # term vanishes whatever its weight, and masked lanes never touch memory, whatever their row.
+    c0 = hh * hw
+    c1 = hh * lw
+    c2 = lh * hw
+    c3 = lh * lw
     return valid, lh, lw, r0, r1, r2, r3, ok0, ok1, ok2, ok3, c0, c1, c2, c3
 
 
