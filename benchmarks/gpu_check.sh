@@ -11,8 +11,9 @@
 #   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases), junit -> $OUT/junit_ops.xml
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   racecheck  compute-sanitizer --tool racecheck on the same script
-#   bench_msda, bench_ca, then ab (benchmarks/ab_order.py: the kernels' sample order A/B and the
-#              deterministic backward), then bench_model
+#   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
+#              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
+#              sample order A/B and the deterministic backward), then bench_model
 #              pytest-benchmark, one file each (a cut step loses only its own figures):
 #              --benchmark-json=$OUT/bench_<name>.json
 #   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
@@ -171,6 +172,7 @@ step_memcheck() { sanitizer memcheck; }
 step_racecheck() { sanitizer racecheck; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
+step_profile() { "$PYTHON" benchmarks/profile_ops.py; }
 
 bench() {  # bench NAME PYTEST-ARGS...
   local name=$1; shift
@@ -192,7 +194,7 @@ step_report() {
   "$PYTHON" benchmarks/gpu_report.py "$OUT"/bench_*.json
 }
 
-export -f step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab \
+export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_profile \
   bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
@@ -205,6 +207,7 @@ run_step memcheck 60 1 bash -c step_memcheck
 run_step racecheck 45 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
+TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
 TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
 TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow

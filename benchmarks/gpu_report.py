@@ -12,10 +12,15 @@ def rows_of(data):
     rows = []
     for b in data.get("benchmarks", []):
         params = b.get("params") or {}
+        name = b.get("name", "?")
+        backend = str(params.get("backend", params.get("impl", name)))
+        group = b.get("group")
+        if not group:  # e.g. test_channel_attention[8x64x64x768-bfloat16-fwd-cuda]: drop the backend id
+            group = name[:-len(backend) - 2] + "]" if name.endswith(f"-{backend}]") else name
         rows.append({
-            "group": b.get("group") or "",
-            "backend": str(params.get("backend", b.get("name", "?"))),
-            "name": b.get("name", "?"),
+            "group": group,
+            "backend": backend,
+            "name": name,
             "median": (b.get("stats") or {}).get("median"),
             "extra": b.get("extra_info") or {},
         })
@@ -40,7 +45,10 @@ def main(argv) -> int:
         return 1
     machine = data.get("machine_info", {})
     print(f"machine: {machine.get('node', '?')} {machine.get('cpu', {}).get('brand_raw', '')}".rstrip())
-    ref = {r["group"]: r["median"] for r in rows if r["backend"] == "reference" and r["median"]}
+    # Baseline per group: the reference backend, or eager PyTorch written NCHW (channel_attention).
+    ref = {}
+    for base in ("eager_nchw", "reference"):
+        ref.update({r["group"]: r["median"] for r in rows if r["backend"] == base and r["median"]})
     print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6}")
     for r in sorted(rows, key=lambda r: (r["group"], r["median"] or float("inf"))):
         med = r["median"]

@@ -1,0 +1,100 @@
+"""Per-kernel CUDA time of one forward+backward of each op, from torch.profiler: where the time goes.
+
+The first H100 runs (benchmarks/results/h100_2026-11-27_*) left two questions that the end-to-end
+benchmarks cannot answer: which of the channel_attention CUDA op's launches makes it slower than
+eager PyTorch, and how the ms_deform_attn backward's time splits between the kernel, the zero-fill
+and the fp32-to-bf16 conversion of grad_value (against deformops' kernels when it is installed).
+Prints, per case, the kernels by total CUDA time (median of 5 profiled steps after 3 warm-ups).
+
+    python benchmarks/profile_ops.py        # needs a GPU
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _profile(name, step, reps=5, top=12):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / reps, e.count // reps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"== {name}: {total:.1f} us of kernels per step")
+    for t, n, key in rows[:top]:
+        print(f"   {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{n:<3d} {key[:110]}")
+
+
+def channel_attention_cases():
+    from dbsam.ops import use_backend
+    from dbsam.ops.channel_attention import ChannelAttention
+
+    B, H, W, C = 8, 64, 64, 768
+    for dtype in (torch.bfloat16, torch.float32):
+        for backend in ("cuda", "reference"):
+            mod = ChannelAttention(C).cuda().to(dtype)
+            x = torch.randn(B, H, W, C, device="cuda", dtype=dtype, requires_grad=True)
+            g = torch.randn_like(x)
+
+            def step(mod=mod, x=x, g=g, backend=backend):
+                with use_backend(backend):
+                    torch.autograd.grad(mod(x), [x, *mod.parameters()], g)
+
+            _profile(f"channel_attention {backend} {B}x{H}x{W}x{C} {str(dtype)[6:]} fwd+bwd", step)
+
+
+def msda_cases():
+    from msda_inputs import locations_and_weights
+
+    from dbsam.ops import ms_deform_attn
+
+    levels = [(128, 128), (64, 64), (32, 32)]
+    N, Lq, M, D, P = 8, 4096, 12, 64, 4
+    spatial = torch.tensor(levels, device="cuda")
+    areas = spatial[:, 0] * spatial[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S = int(areas.sum())
+    g = torch.Generator("cuda").manual_seed(0)
+    loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cuda", generator=g)
+    try:
+        from deformops.registry import msda as deformops_msda
+    except ImportError:
+        deformops_msda = None
+    for dtype in (torch.bfloat16, torch.float32):
+        value = torch.randn(N, S, M, D, device="cuda", dtype=dtype, requires_grad=True)
+        l, a = loc.clone().requires_grad_(), attn.clone().requires_grad_()
+        grad = torch.randn(N, Lq, M * D, device="cuda", dtype=dtype)
+        runs = {"cuda": lambda: ms_deform_attn(value, spatial, starts, l, a, backend="cuda")}
+        if deformops_msda is not None:
+            runs["deformops"] = lambda: deformops_msda(value, spatial, starts, l.to(dtype), a.to(dtype))
+        for name, fn in runs.items():
+            def step(fn=fn):
+                torch.autograd.grad(fn(), (value, l, a), grad)
+
+            _profile(f"ms_deform_attn {name} injector N{N} {str(dtype)[6:]} fwd+bwd", step)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("profile_ops: needs a CUDA device")
+        return 0
+    msda_cases()
+    channel_attention_cases()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
