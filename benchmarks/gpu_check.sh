@@ -23,7 +23,9 @@
 # Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
 # any step failed. Without a GPU (no working nvidia-smi) the GPU steps are skipped, and say so.
 # Knobs: PYTHON (default: the first of python, python3 that imports torch), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
-# GPU_CHECK_SKIP=<space-separated step names> to skip steps by hand.
+# GPU_CHECK_SKIP=<space-separated step names> to skip steps by hand, GPU_CHECK_TAR=<file.tgz> to pack
+# $OUT into one archive at the end. On the lent H100 (one call, logs back through its $OUT):
+#   OUT=/tmp/gc GPU_CHECK_TAR=$OUT/gc.tgz bash benchmarks/gpu_check.sh   (with .whl/ carried)
 set -u
 
 OUT=${OUT:-./gpu_out}
@@ -216,4 +218,9 @@ TAIL_LINES=200 run_step report 15 1 bash -c step_report
 echo
 echo "== summary ($(( $(date +%s) - START ))s, logs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+# GPU_CHECK_TAR=<file.tgz>: everything under $OUT in one archive (the device tool returns at most
+# 8 files from its $OUT, and this run writes more).
+if [ -n "${GPU_CHECK_TAR:-}" ]; then
+  tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed $OUT into $GPU_CHECK_TAR"
+fi
 exit $FAILED

@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.sh without a GPU: the steps that need one say so, the rest run, and the
+archive option packs the logs (the GPU steps themselves run only on a GPU machine)."""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+def test_gpu_check_without_a_gpu(tmp_path):
+    out, tgz = tmp_path / "out", tmp_path / "gc.tgz"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_TAR=str(tgz),
+               GPU_CHECK_SKIP="build ptxas tests", PATH="/usr/bin:/bin")  # no nvidia-smi on PATH
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("PASS  info"), summary
+    assert "SKIP  build  (GPU_CHECK_SKIP)" in summary
+    gpu_steps = [line.split()[1] for line in summary if "needs a GPU" in line]
+    assert gpu_steps == ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "profile", "ab",
+                         "bench_model", "bench_slow", "report"], summary
+    assert "torch" in (out / "info.log").read_text()
+    with tarfile.open(tgz) as tar:
+        assert "out/summary.txt" in tar.getnames()
