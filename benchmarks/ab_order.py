@@ -1,4 +1,5 @@
-"""A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head), plus the
+"""A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of 8-byte loads
+for fp16/bf16 (DBSAM_MSDA_LOAD_BYTES=8, rows marked /8B), plus the
 deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
 uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
@@ -48,6 +49,8 @@ def child() -> None:
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / (median_us(lambda: dst.copy_(src)) * 1e-6)
     order = os.environ.get("DBSAM_MSDA_ORDER", "default")
+    if os.environ.get("DBSAM_MSDA_LOAD_BYTES") == "8":
+        order += "/8B"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator().manual_seed(0)
@@ -76,11 +79,15 @@ def main() -> int:
         child()
         return 0
     rc = 0
-    for order in ("query", "head", None):
+    # (sample order, load bytes); None = the default. The last row: fp16/bf16 with 8-byte loads.
+    for order, load_bytes in (("query", None), ("head", None), (None, None), (None, "8")):
         env = dict(os.environ)
         env.pop("DBSAM_MSDA_ORDER", None)
+        env.pop("DBSAM_MSDA_LOAD_BYTES", None)
         if order:
             env["DBSAM_MSDA_ORDER"] = order
+        if load_bytes:
+            env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
         rc |= subprocess.call([sys.executable, os.path.abspath(__file__), "--child"], env=env)
     return rc
 

@@ -371,6 +371,19 @@ int pick_order(bool backward) {
   return backward ? 0 : 1;
 }
 
+// DBSAM_MSDA_LOAD_BYTES=8: fp16/bf16 lanes own 4 channels (8-byte loads) instead of 8, so a sample
+// gets twice the lanes (16 at D = 64) -- the forward and the atomic backward; the deterministic
+// gather keeps 16 bytes. An experiment, off by default until measured: on the H100 (2026-11-27,
+// NOTES.md section 7) bf16 reached a lower % of copy bandwidth than fp32 at the same shapes, with
+// half of fp32's lanes per sample. benchmarks/ab_order.py times both; read once per process.
+bool half_width_loads() {
+  static const bool on = [] {
+    const char* e = std::getenv("DBSAM_MSDA_LOAD_BYTES");
+    return e != nullptr && std::string(e) == "8";
+  }();
+  return on;
+}
+
 // Launch shape for `threads` threads: 256-thread blocks, or 64-thread blocks when 256 would leave
 // SMs idle (the DETR decoder: 300 queries x 8 heads x 8 lanes = 75 blocks of 256 on 132 SMs).
 // Kernels index by blockDim.x, and 64 keeps whole warps, so groups (<= 32 lanes) stay intact.
@@ -422,14 +435,20 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     using scalar_t = typename decltype(vtag)::type;
     using coord_t = typename decltype(ctag)::type;
     constexpr int V = fast_vec<scalar_t>();
+    constexpr int VH = sizeof(scalar_t) == 2 ? V / 2 : V;  // 8-byte loads for fp16/bf16 only
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool fast = d.D % V == 0 && aligned16(vp) && aligned16(op);
-    const int vec = fast ? V : 1;
+    const bool half = fast && VH != V && half_width_loads();
+    const int vec = half ? VH : fast ? V : 1;
     KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
     k.head_major = pick_order(false);
     const Launch lc = launch_for(k.total * k.G);
-    if (fast) {
+    if (half) {
+      msda_forward_kernel<scalar_t, coord_t, VH><<<lc.grid, lc.block, 0, stream>>>(
+          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+          attn.data_ptr<coord_t>(), op, k);
+    } else if (fast) {
       msda_forward_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
           vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
           attn.data_ptr<coord_t>(), op, k);
@@ -496,6 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     using coord_t = typename decltype(ctag)::type;
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = fast_vec<scalar_t>();
+    constexpr int VH = sizeof(scalar_t) == 2 ? V / 2 : V;
     const bool fast = d.D % V == 0 && aligned16(v.data_ptr()) && aligned16(go.data_ptr());
     KDims k = make_dims(d, d.N * d.Lq * d.M, fast ? V : 1);
     k.head_major = pick_order(true);
@@ -503,7 +523,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       // acc_t buffer laid out like value: fp32 for fp16/bf16 (rounded once below).
       auto acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
       acc_t* gv = acc.data_ptr<acc_t>();
-      if (fast) {
+      if (fast && VH != V && half_width_loads()) {
+        KDims kh = make_dims(d, d.N * d.Lq * d.M, VH);
+        kh.head_major = k.head_major;
+        launch_backward<scalar_t, coord_t, VH, true>(go, v, shapes, starts, loc, attn, gv,
+                                                     grad_loc, grad_attn, kh, stream);
+      } else if (fast) {
         launch_backward<scalar_t, coord_t, V, true>(go, v, shapes, starts, loc, attn, gv,
                                                     grad_loc, grad_attn, k, stream);
       } else {

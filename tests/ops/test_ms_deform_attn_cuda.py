@@ -217,21 +217,24 @@ _ORDER_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
 import test_ms_deform_attn_cuda as t
-for dtype, coord, D in [(torch.float32, torch.float32, 32), (torch.bfloat16, torch.float32, 64), (torch.float32, torch.float32, 3)]:
+for dtype, coord, D in [(torch.float32, torch.float32, 32), (torch.bfloat16, torch.float32, 64), (torch.float32, torch.float32, 3),
+                        (torch.float16, torch.float16, 8), (torch.bfloat16, torch.bfloat16, 40)]:
     t.check_parity(*t.make_inputs(2, 37, 3, D, t.LEVELS, 3, dtype=dtype, coord_dtype=coord, seed=D))
 print("ok")
 """
 
 
-@pytest.mark.parametrize("order", ["query", "head"])
-def test_both_sample_orders(order):
-    # The kernels read DBSAM_MSDA_ORDER once per process: run each order in a fresh one.
+@pytest.mark.parametrize("knob,setting", [("DBSAM_MSDA_ORDER", "query"), ("DBSAM_MSDA_ORDER", "head"),
+                                          ("DBSAM_MSDA_LOAD_BYTES", "8")])
+def test_kernel_variants(knob, setting):
+    # The kernels read their A/B variables (sample order; 8-byte loads for fp16/bf16) once per
+    # process: run each setting in a fresh one.
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, DBSAM_MSDA_ORDER=order)
+    env = dict(os.environ, **{knob: setting})
     root = os.path.dirname(os.path.dirname(here))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT.format(here=here)], env=env, capture_output=True,
