@@ -443,3 +443,32 @@ def test_opcheck(dtype, coord_dtype):
     torch.library.opcheck(FWD.default, (value, spatial, starts, loc, attn))
     go = torch.randn(2, 6, 16, device=DEV, dtype=dtype)
     torch.library.opcheck(BWD.default, (go, value.detach(), spatial, starts, loc.detach(), attn.detach()))
+
+
+def test_cuda_graph_capture_of_the_deterministic_backward():
+    # The deterministic backward sorts (row, sample) keys with at::sort between its kernels. Whether
+    # that sort is capturable in a CUDA graph was an open question when this was written (no GPU
+    # had run it): this test answers it. Replays must equal eager bitwise (deterministic mode).
+    value, spatial, starts, loc, attn = make_inputs(2, 40, 3, 32, LEVELS, 4, dtype=torch.float32, seed=31)
+    go = torch.randn(2, 40, 96, device=DEV)
+    torch.use_deterministic_algorithms(True)
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                BWD(go, value, spatial, starts, loc, attn)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gv, gl, ga = BWD(go, value, spatial, starts, loc, attn)
+        for seed in (32, 33):
+            new = make_inputs(2, 40, 3, 32, LEVELS, 4, dtype=torch.float32, seed=seed)
+            value.copy_(new[0]), loc.copy_(new[3]), attn.copy_(new[4])
+            go.copy_(torch.randn_like(go))
+            graph.replay()
+            torch.cuda.synchronize()
+            for a, b in zip((gv, gl, ga), BWD(go, value, spatial, starts, loc, attn)):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
