@@ -9,7 +9,8 @@
 #              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt
 #   tests_cuda pytest tests/ops/test_ms_deform_attn_cuda.py, junit -> $OUT/junit_cuda.xml
 #   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases), junit -> $OUT/junit_ops.xml
-#   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
+#   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py (both ops, CUDA and
+#              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8
 #   racecheck  compute-sanitizer --tool racecheck on the same script
 #   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
@@ -154,11 +155,11 @@ step_tests() {
     --junitxml="$OUT/junit_ops.xml" -p no:cacheprovider
 }
 
-sanitizer() {
-  local tool=$1 san
+sanitizer() {  # sanitizer TOOL [TAG]: TAG names the raw log of a second pass (another kernel variant)
+  local tool=$1 tag=${2:-} san
   san=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   [ -x "$san" ] || { echo "compute-sanitizer not found"; return 1; }
-  local raw="$OUT/$tool.raw.log" rc
+  local raw="$OUT/$tool$tag.raw.log" rc
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 1 --print-limit 20 \
     "$PYTHON" benchmarks/sanitize_case.py >"$raw" 2>&1
   rc=$?
@@ -170,7 +171,8 @@ sanitizer() {
     || { echo "no summary line saying 0 errors"; return 1; }
 }
 
-step_memcheck() { sanitizer memcheck; }
+# The second pass covers the 8-byte-load variant of the MSDA kernels (read once per process).
+step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 sanitizer memcheck _8B; }
 step_racecheck() { sanitizer racecheck; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
@@ -205,8 +207,8 @@ run_step build 150 0 bash -c step_build
 run_step ptxas 15 0 bash -c step_ptxas
 run_step tests_cuda 90 1 bash -c step_tests_cuda
 run_step tests 120 0 bash -c step_tests
-run_step memcheck 60 1 bash -c step_memcheck
-run_step racecheck 45 1 bash -c step_racecheck
+run_step memcheck 120 1 bash -c step_memcheck
+run_step racecheck 90 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
 TAIL_LINES=40 run_step profile 45 1 bash -c step_profile

@@ -1,10 +1,12 @@
-"""A small forward + backward through every CUDA kernel of ms_deform_attn, for compute-sanitizer.
+"""A small forward + backward through every GPU kernel of both ops, for compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py
 
 Covers the vector path (D % 8 == 0) and the general path (odd D), fp32 / bf16 / fp64 values, the
 atomic backward and the deterministic (sort + gather) backward, locations partly and fully off
-the map and a level smaller than a 2x2 cell. Exits 0 when it ran (the sanitizer reports errors).
+the map and a level smaller than a 2x2 cell; then the Triton MSDA kernels on the same inputs (their
+corner masks guard loads whose rows may lie off the map), and the channel_attention CUDA and Triton
+kernels at an odd shape. Exits 0 when it ran (the sanitizer reports errors).
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own allocation and an
 out-of-bounds access is caught even where the caching allocator would have hidden it.
 """
@@ -48,7 +50,42 @@ def main() -> int:
             assert torch.isfinite(gl.double()).all() and torch.isfinite(ga.double()).all()
             print(f"ok deterministic={det} value={vdt} coords={cdt} D={D}")
     torch.use_deterministic_algorithms(False)
+    other_backends(dev, spatial, starts, S, L, g)
     return 0
+
+
+def other_backends(dev, spatial, starts, S, L, g):
+    from dbsam.ops import ChannelAttention, ms_deform_attn, use_backend
+    from dbsam.ops._backends import why_not
+
+    reason = why_not("ms_deform_attn", "triton", dev)
+    for vdt, D in ((torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 3)):
+        if reason:
+            print(f"skip triton ms_deform_attn: {reason}")
+            break
+        N, Lq, M, P = 2, 37, 3, 2
+        value = torch.randn(N, S, M, D, generator=g).to(dev, vdt).requires_grad_()
+        loc = (torch.rand(N, Lq, M, L, P, 2, generator=g) * 1.6 - 0.3).to(dev).requires_grad_()
+        attn = torch.rand(N, Lq, M, L, P, generator=g).to(dev).requires_grad_()
+        out = ms_deform_attn(value, spatial, starts, loc, attn, backend="triton")
+        grads = torch.autograd.grad(out, (value, loc, attn), torch.randn_like(out))
+        torch.cuda.synchronize()
+        assert all(torch.isfinite(t.double()).all() for t in (out, *grads))
+        print(f"ok triton ms_deform_attn value={vdt} D={D}")
+    for backend in ("cuda", "triton"):
+        reason = why_not("channel_attention", backend, dev)
+        if reason:
+            print(f"skip {backend} channel_attention: {reason}")
+            continue
+        for dt in (torch.float32, torch.bfloat16):
+            mod = ChannelAttention(24).to(dev, dt)
+            x = torch.randn(2, 7, 5, 24, generator=g).to(dev, dt).requires_grad_()
+            with use_backend(backend):
+                y = mod(x)
+                grads = torch.autograd.grad(y, (x, *mod.parameters()), torch.randn_like(y))
+            torch.cuda.synchronize()
+            assert all(torch.isfinite(t.double()).all() for t in (y, *grads))
+            print(f"ok {backend} channel_attention dtype={dt}")
 
 
 if __name__ == "__main__":
