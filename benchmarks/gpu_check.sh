@@ -212,7 +212,7 @@ run_step racecheck 90 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
 TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
-TAIL_LINES=12 run_step ab 60 1 bash -c step_ab
+TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
 TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
