@@ -15,6 +15,7 @@
 #   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
 #              sample order A/B and the deterministic backward), then bench_model
+#   ncu        (after profile) Nsight Compute sections of each op's kernels, benchmarks/ncu_case.py
 #              pytest-benchmark, one file each (a cut step loses only its own figures):
 #              --benchmark-json=$OUT/bench_<name>.json
 #   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
@@ -177,6 +178,17 @@ step_racecheck() { sanitizer racecheck; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
 step_profile() { "$PYTHON" benchmarks/profile_ops.py; }
+# Nsight Compute on one fwd+bwd of each op's own kernels (benchmarks/ncu_case.py): throughput, stall
+# reasons, occupancy. --clock-control none: the card's clocks stay as they are.
+step_ncu() {
+  local ncu
+  ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+  [ -x "$ncu" ] || { echo "ncu not found"; return 1; }
+  "$ncu" --clock-control none --target-processes all --launch-count 16 \
+    --kernel-name regex:'msda_|dw_gelu|dw_backward|ln_stats|ln_backward|se_gate|fold_kernel|grad_pre|chan_dot' \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
+    "$PYTHON" benchmarks/ncu_case.py
+}
 
 bench() {  # bench NAME PYTEST-ARGS...
   local name=$1; shift
@@ -198,7 +210,7 @@ step_report() {
   "$PYTHON" benchmarks/gpu_report.py "$OUT"/bench_*.json
 }
 
-export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_profile \
+export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_profile step_ncu \
   bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
@@ -212,6 +224,7 @@ run_step racecheck 90 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
 TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
+TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
 TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow

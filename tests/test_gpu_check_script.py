@@ -23,7 +23,7 @@ def test_gpu_check_without_a_gpu(tmp_path):
     assert summary[0].startswith("PASS  info"), summary
     assert "SKIP  build  (GPU_CHECK_SKIP)" in summary
     gpu_steps = [line.split()[1] for line in summary if "needs a GPU" in line]
-    assert gpu_steps == ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "profile", "ab",
+    assert gpu_steps == ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "profile", "ncu", "ab",
                          "bench_model", "bench_slow", "report"], summary
     assert "torch" in (out / "info.log").read_text()
     with tarfile.open(tgz) as tar:
