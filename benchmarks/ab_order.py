@@ -12,13 +12,13 @@ import os
 import subprocess
 import sys
 
-INJECTOR = [(128, 128), (64, 64), (32, 32)]
+INJECTOR_LEVELS = [(128, 128), (64, 64), (32, 32)]
 CASES = {
     # name: (N, Lq, levels, M, D, P, value dtype, locality)
     "dbsam_vit_from_conv-N8-bf16": (8, 4096, [(64, 64)], 12, 64, 4, "bfloat16", "model"),
-    "vitadapter_injector-N8-bf16": (8, 4096, INJECTOR, 12, 64, 4, "bfloat16", "model"),
-    "vitadapter_injector-N8-f32": (8, 4096, INJECTOR, 12, 64, 4, "float32", "model"),
-    "vitadapter_injector-N8-bf16-uniform": (8, 4096, INJECTOR, 12, 64, 4, "bfloat16", "uniform"),
+    "vitadapter_injector-N8-bf16": (8, 4096, INJECTOR_LEVELS, 12, 64, 4, "bfloat16", "model"),
+    "vitadapter_injector-N8-f32": (8, 4096, INJECTOR_LEVELS, 12, 64, 4, "float32", "model"),
+    "vitadapter_injector-N8-bf16-uniform": (8, 4096, INJECTOR_LEVELS, 12, 64, 4, "bfloat16", "uniform"),
     "detr_encoder-N2-f32": (2, 17821, [(100, 134), (50, 67), (25, 34), (13, 17)], 8, 32, 4, "float32", "model"),
 }
 
@@ -27,7 +27,7 @@ def child() -> None:
     import torch
 
     import dbsam.ops  # noqa: F401
-    from msda_inputs import locations_and_weights
+    from msda_inputs import case_inputs
 
     fwd, bwd = torch.ops.dbsam.ms_deform_attn_forward, torch.ops.dbsam.ms_deform_attn_backward
     dev = torch.device("cuda")
@@ -53,16 +53,10 @@ def child() -> None:
         order += "/8B"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
-        g = torch.Generator().manual_seed(0)
-        spatial = torch.tensor(levels, dtype=torch.int64)
-        areas = spatial[:, 0] * spatial[:, 1]
-        starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).to(dev)
-        spatial = spatial.to(dev)
-        S, L = int(areas.sum()), len(levels)
-        value = torch.randn(N, S, M, D, generator=g).to(dev, dtype)
-        loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cpu", generator=g, locality=locality)
-        loc, attn = loc.to(dev), attn.to(dev)
-        go = torch.randn(N, Lq, M * D, generator=g).to(dev, dtype)
+        g = torch.Generator(dev).manual_seed(0)
+        value, spatial, starts, loc, attn = case_inputs(N, Lq, levels, M, D, P, dtype, device=dev, generator=g,
+                                                        locality=locality)
+        go = torch.randn(N, Lq, M * D, generator=g, device=dev).to(dtype)
         t_f = median_us(lambda: fwd(value, spatial, starts, loc, attn))
         t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
         torch.use_deterministic_algorithms(True)

@@ -16,7 +16,11 @@ import math
 
 import torch
 
+from dbsam.ops.ms_deform_attn import level_layout
+
 DECODER_QUERIES = 1024  # fewer queries than this: object queries, random reference points
+# The ViT-Adapter injector (kernels.md), the shape the profiling scripts look at.
+INJECTOR = dict(Lq=4096, levels=[(128, 128), (64, 64), (32, 32)], M=12, D=64, P=4)
 
 
 def locations_and_weights(N, Lq, levels, M, P, *, device, generator, locality="model"):
@@ -43,3 +47,14 @@ def locations_and_weights(N, Lq, levels, M, P, *, device, generator, locality="m
     logits = torch.randn(N, Lq, M, L * P, generator=generator, device=device)
     attn = torch.softmax(logits, -1).view(N, Lq, M, L, P)
     return loc.contiguous(), attn
+
+
+def case_inputs(N, Lq, levels, M, D, P, dtype, *, device, generator, locality="model"):
+    """value (in `dtype`), spatial_shapes, level_start_index, locations and weights (fp32) of one
+    benchmark case, drawn on `device` (at N = 8 they are hundreds of MB: drawing on the CPU takes
+    seconds)."""
+    spatial, starts = level_layout(levels, device)
+    S = sum(h * w for h, w in levels)
+    value = torch.randn(N, S, M, D, generator=generator, device=device).to(dtype)
+    loc, attn = locations_and_weights(N, Lq, levels, M, P, device=device, generator=generator, locality=locality)
+    return value, spatial, starts, loc, attn

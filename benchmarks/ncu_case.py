@@ -21,19 +21,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("ncu_case: needs a CUDA device")
         return 0
-    from msda_inputs import locations_and_weights
+    from msda_inputs import INJECTOR, case_inputs
 
     from dbsam.ops import ChannelAttention, ms_deform_attn, use_backend
 
-    levels = [(128, 128), (64, 64), (32, 32)]
-    N, Lq, M, D, P = 8, 4096, 12, 64, 4
-    spatial = torch.tensor(levels, device="cuda")
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     g = torch.Generator("cuda").manual_seed(0)
-    loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cuda", generator=g)
-    value = torch.randn(N, int(areas.sum()), M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    loc.requires_grad_(), attn.requires_grad_()
+    value, spatial, starts, loc, attn = case_inputs(8, **INJECTOR, dtype=torch.bfloat16, device="cuda", generator=g)
+    value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
     out = ms_deform_attn(value, spatial, starts, loc, attn, backend="cuda")
     torch.autograd.grad(out, (value, loc, attn), torch.randn_like(out))
 

@@ -57,25 +57,19 @@ def channel_attention_cases():
 
 
 def msda_cases():
-    from msda_inputs import locations_and_weights
+    from msda_inputs import INJECTOR, case_inputs
 
     from dbsam.ops import ms_deform_attn
 
-    levels = [(128, 128), (64, 64), (32, 32)]
-    N, Lq, M, D, P = 8, 4096, 12, 64, 4
-    spatial = torch.tensor(levels, device="cuda")
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    S = int(areas.sum())
+    N, Lq, M, D = 8, INJECTOR["Lq"], INJECTOR["M"], INJECTOR["D"]
     g = torch.Generator("cuda").manual_seed(0)
-    loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cuda", generator=g)
     try:
         from deformops.registry import msda as deformops_msda
     except ImportError:
         deformops_msda = None
     for dtype in (torch.bfloat16, torch.float32):
-        value = torch.randn(N, S, M, D, device="cuda", dtype=dtype, requires_grad=True)
-        l, a = loc.clone().requires_grad_(), attn.clone().requires_grad_()
+        value, spatial, starts, l, a = case_inputs(N, **INJECTOR, dtype=dtype, device="cuda", generator=g)
+        value.requires_grad_(), l.requires_grad_(), a.requires_grad_()
         grad = torch.randn(N, Lq, M * D, device="cuda", dtype=dtype)
         runs = {"cuda": lambda: ms_deform_attn(value, spatial, starts, l, a, backend="cuda")}
         if deformops_msda is not None:

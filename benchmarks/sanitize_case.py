@@ -21,6 +21,7 @@ def main() -> int:
         return 2
     import dbsam.ops  # noqa: F401  (loads dbsam._C)
     from dbsam.ops import _native
+    from dbsam.ops.ms_deform_attn import level_layout
 
     if not _native.HAS_NATIVE_CUDA:
         print(f"sanitize_case: dbsam._C has no CUDA kernels: {_native.native_reason('cuda')}", file=sys.stderr)
@@ -28,9 +29,7 @@ def main() -> int:
     fwd, bwd = torch.ops.dbsam.ms_deform_attn_forward, torch.ops.dbsam.ms_deform_attn_backward
     dev = torch.device("cuda")
     levels = [(5, 7), (3, 2), (1, 1)]
-    spatial = torch.tensor(levels, dtype=torch.int64, device=dev)
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    spatial, starts = level_layout(levels, dev)
     S, L = sum(h * w for h, w in levels), len(levels)
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [(torch.float32, torch.float32, 64), (torch.bfloat16, torch.float32, 64), (torch.float16, torch.float16, 3),

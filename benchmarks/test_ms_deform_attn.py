@@ -17,7 +17,7 @@ from dbsam.ops import ms_deform_attn, ms_deform_attn_reference
 from dbsam.ops._backends import why_not
 
 from conftest import DEVICE, ON_GPU, report_bandwidth, sync
-from msda_inputs import locations_and_weights
+from msda_inputs import case_inputs
 
 # name: (Lq, levels, M, D, P)
 SHAPES = {
@@ -55,16 +55,10 @@ def shape_of(name):
 
 def make(name, N, dtype_name, locality="model"):
     Lq, levels, M, D, P = shape_of(name)
-    dtype = getattr(torch, dtype_name)
-    # Drawn on the device: at N = 8 the inputs are hundreds of MB, seconds of CPU time to draw.
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    spatial = torch.tensor(levels, dtype=torch.int64)
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    S, L = int(areas.sum()), len(levels)
-    value = torch.randn(N, S, M, D, generator=g, device=DEVICE).to(dtype)
-    loc, attn = locations_and_weights(N, Lq, levels, M, P, device=DEVICE, generator=g, locality=locality)
-    return value, spatial.to(DEVICE), starts.to(DEVICE), loc, attn, levels
+    inputs = case_inputs(N, Lq, levels, M, D, P, getattr(torch, dtype_name), device=DEVICE, generator=g,
+                         locality=locality)
+    return (*inputs, levels)
 
 
 def floor_bytes(value, loc, attn, Lq, backward):

@@ -14,12 +14,11 @@ grad_output + locations + weights (read) + grad_locations + grad_weights (write)
 grad_value buffer written once and read once by the final cast + grad_value in value's dtype
 (for fp32 values the cast is a no-op: buffer written once).
 """
-import os
 
 import pytest
 import torch
 
-from msda_inputs import locations_and_weights
+from msda_inputs import case_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,15 +45,9 @@ def copy_bandwidth():
 
 
 def _inputs(N, Lq, levels, M, D, P, dtype):
-    shapes = torch.tensor(levels, dtype=torch.int64, device="cuda")
-    areas = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    S = int(areas.sum())
-    value = torch.randn(N, S, M, D, device="cuda").to(dtype)
     # Sampling points near a per-query reference point, as the real modules produce.
     g = torch.Generator("cuda").manual_seed(0)
-    loc, attn = locations_and_weights(N, Lq, levels, M, P, device="cuda", generator=g)
-    return value, shapes, starts, loc, attn
+    return case_inputs(N, Lq, levels, M, D, P, dtype, device="cuda", generator=g)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dbsam.ops import MSDeformAttn
+from dbsam.ops.ms_deform_attn import level_layout
 
 from .layers import FFN, DropPath
 
@@ -73,16 +74,6 @@ def flatten_maps(maps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple
 def unflatten_maps(tokens: torch.Tensor, sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
     parts = torch.split(tokens, [h * w for h, w in sizes], dim=1)
     return [p.reshape(p.shape[0], h, w, p.shape[-1]) for p, (h, w) in zip(parts, sizes)]
-
-
-def level_layout(sizes: Sequence[Tuple[int, int]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """spatial_shapes [L, 2] (h, w) and level_start_index [L], int64, as MSDeformAttn takes them."""
-    starts, total = [], 0
-    for h, w in sizes:
-        starts.append(total)
-        total += h * w
-    return (torch.tensor(sizes, dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
 
 
 class CrossAttentionBlock(nn.Module):

@@ -3,12 +3,13 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from dbsam.ops.ms_deform_attn import level_layout
+
 
 def level_tensors(shapes: Sequence[Tuple[int, int]], device="cpu"):
-    spatial = torch.tensor(shapes, dtype=torch.int64, device=device)
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    return spatial, starts, int(areas.sum())
+    """(spatial_shapes, level_start_index, S) for levels of these sizes."""
+    spatial, starts = level_layout(shapes, device)
+    return spatial, starts, sum(h * w for h, w in shapes)
 
 
 def make_inputs(N: int, Lq: int, M: int, D: int, shapes: List[Tuple[int, int]], P: int, *,

@@ -8,6 +8,8 @@ import torch
 
 from dbsam.ops import _native, ms_deform_attn, ms_deform_attn_reference
 
+from _msda_cases import make_inputs as _make_inputs, rel_err
+
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 if not _native.HAS_NATIVE_CUDA:
@@ -42,42 +44,15 @@ SHAPES = {
 }
 
 
-def level_tensors(shapes, device=DEV):
-    spatial = torch.tensor(shapes, dtype=torch.int64)
-    areas = spatial[:, 0] * spatial[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    return spatial.to(device), starts.to(device), int(areas.sum())
-
-
 def make_inputs(N, Lq, M, D, shapes, P, dtype=torch.float32, coord_dtype=None, device=DEV, outside=0.2,
                 seed=0, away_from_grid=True):
-    """Fresh random inputs; locations in [-outside, 1 + outside] so some points are partly or fully
-    off the map; `away_from_grid` keeps them 0.1 px or more from integer pixel coordinates.
-
-    On by default: the location gradient jumps at integer pixel coordinates, and with millions of
-    points (the kernels.md shapes) dozens land within fp32 rounding (~1e-5 px) of one, where the
-    kernel's fp32 coordinate and the float64 reference's can fall on different sides and pick
-    different cells: an O(1) difference on those entries, ~3e-3 in the relative norm."""
-    g = torch.Generator().manual_seed(seed)
-    spatial, starts, S = level_tensors(shapes, device)
-    L = len(shapes)
-    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
-    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * (1 + 2 * outside) - outside
-    if away_from_grid:
-        size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64).view(1, 1, 1, L, 1, 2)
-        pix = loc * size - 0.5
-        frac = (pix - pix.floor()).clamp(0.1, 0.9)
-        loc = (pix.floor() + frac + 0.5) / size
-    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64) + 0.05
-    attn = attn / attn.sum((-1, -2), keepdim=True)
-    coord_dtype = coord_dtype or dtype
-    return (value.to(device, dtype), spatial, starts, loc.to(device, coord_dtype), attn.to(device, coord_dtype))
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    denom = b.norm().item()
-    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+    """_msda_cases.make_inputs with this file's defaults: float32 on the GPU, and `away_from_grid`
+    on: the location gradient jumps at integer pixel coordinates, and with millions of points (the
+    kernels.md shapes) dozens land within fp32 rounding (~1e-5 px) of one, where the kernel's fp32
+    coordinate and the float64 reference's can fall on different sides and pick different cells:
+    an O(1) difference on those entries, ~3e-3 in the relative norm."""
+    return _make_inputs(N, Lq, M, D, shapes, P, dtype=dtype, coord_dtype=coord_dtype, device=device,
+                        outside=outside, seed=seed, away_from_grid=away_from_grid)
 
 
 def tol(dtype):

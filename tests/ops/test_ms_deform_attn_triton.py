@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON,
 
 from dbsam.ops.ms_deform_attn import op as msda_op  # noqa: E402
 from dbsam.ops.ms_deform_attn.reference import ms_deform_attn_reference  # noqa: E402
+from _msda_cases import level_tensors  # noqa: E402
 
 INTERPRETED = HAS_TRITON and __import__("dbsam.ops.ms_deform_attn.triton", fromlist=["_"])._interpreting()
 # Tests that need neither the interpreter nor a GPU.
@@ -63,20 +64,13 @@ def _tb():
     return triton_backend
 
 
-def _levels(shapes, device="cpu"):
-    t = torch.tensor(shapes, dtype=torch.int64, device=device)
-    areas = t[:, 0] * t[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    return t, starts, int(areas.sum())
-
-
 def _inputs(N, Lq, M, D, shapes, P, *, device="cpu", seed=0, away_from_grid=False, outside=0.25):
     """float64 inputs. Locations: partly outside [0, 1] (up to `outside` beyond each side). With
     `away_from_grid`, pixel coordinates are integer + a fraction in [0.15, 0.85] (the location
     gradient jumps at integer pixel coordinates), including points whose footprint is cut by the
     border and points fully outside."""
     g = torch.Generator().manual_seed(seed)
-    sh, starts, S = _levels(shapes)
+    sh, starts, S = level_tensors(shapes)
     L = len(shapes)
     value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
     if away_from_grid:
@@ -239,7 +233,7 @@ def test_module_on_triton_backend():
 
     torch.manual_seed(0)
     levels = [(4, 5), (2, 3)]
-    shapes, starts, S = _levels(levels)
+    shapes, starts, S = level_tensors(levels)
     module = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0, 0.1)
@@ -481,7 +475,7 @@ def test_gpu_int64_offsets():
     N = (2 ** 31) // (S * M * D) + 2
     if torch.cuda.get_device_properties(0).total_memory < 10 * N * S * M * D:
         pytest.skip("needs about 22 GB of GPU memory")  # value, its grad, the fp32 grad buffer
-    shapes, starts, _ = _levels(S_levels, "cuda")
+    shapes, starts, _ = level_tensors(S_levels, "cuda")
     value = torch.empty(N, S, M, D, device="cuda", dtype=torch.bfloat16).normal_()
     g = torch.Generator(device="cuda").manual_seed(0)
     loc = torch.rand(N, Lq, M, 1, P, 2, device="cuda", generator=g)

@@ -5,7 +5,7 @@ CUDA kernels; the Triton backend registers its own pair of ops (triton.py) throu
 `register_autograd_for` below, so every backend shares one fake kernel and one autograd formula.
 """
 import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,6 +15,16 @@ from .reference import ms_deform_attn_reference
 OP = "ms_deform_attn"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LOW = (torch.float16, torch.bfloat16)
+
+
+def level_layout(sizes: Sequence[Tuple[int, int]], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """spatial_shapes [L, 2] (h, w) and level_start_index [L], int64, for levels of these sizes."""
+    starts, total = [], 0
+    for h, w in sizes:
+        starts.append(total)
+        total += h * w
+    return (torch.tensor(sizes, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device))
 
 
 # ----------------------------------------------------------------------------------------------
