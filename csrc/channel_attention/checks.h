@@ -4,8 +4,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include "common/check.h"
 #include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include "common/check.h"
 
 namespace dbsam {
 namespace ca {

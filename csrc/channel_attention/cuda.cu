@@ -19,7 +19,6 @@
 //
 // Current stream, device guard, 64-bit offsets for every [B,H,W,C] index.
 #include <ATen/ATen.h>
-#include "common/check.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

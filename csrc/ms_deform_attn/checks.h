@@ -4,9 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include "common/check.h"
 
 #include <utility>
+
+#include "common/check.h"
 
 namespace dbsam {
 namespace msda {
@@ -59,6 +60,18 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
                       ", got one on ", t->device());
   }
   return d;
+}
+
+// The backward's extra input, against the dims check_args returned (both backends).
+inline void check_grad_output(const Dims& d, const at::Tensor& grad_output, const at::Tensor& value) {
+  DBSAM_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
+                        grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
+                    "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
+                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
+  DBSAM_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
+                   "ms_deform_attn_backward: grad_output must have value's dtype");
+  DBSAM_CHECK_VALUE(grad_output.device() == value.device(),
+                    "ms_deform_attn_backward: grad_output must be on ", value.device());
 }
 
 // Value checks need the shapes on the host; they run wherever that is free (CPU tensors).

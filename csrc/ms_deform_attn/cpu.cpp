@@ -6,7 +6,6 @@
 // N*M tasks would leave threads idle (one image, 8 heads, a 32-core CPU), each (n, m) also splits
 // its queries, the extra ranges accumulating into private copies of grad_value that are summed.
 #include <ATen/ATen.h>
-#include "common/check.h"
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -165,14 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights);
   check_levels_on_host(spatial_shapes, level_start_index, d.S);
-  DBSAM_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D &&
-                        grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
-                    "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
-  DBSAM_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
-                   "ms_deform_attn_backward: grad_output must have value's dtype");
-  DBSAM_CHECK_VALUE(grad_output.device() == value.device(),
-                    "ms_deform_attn_backward: grad_output must be on ", value.device());
+  check_grad_output(d, grad_output, value);
   auto go = grad_output.contiguous();
   auto v = value.contiguous();
   auto shapes = spatial_shapes.contiguous();

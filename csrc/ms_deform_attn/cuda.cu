@@ -21,7 +21,6 @@
 // stably and one group per distinct row sums its contributions in sorted order: no atomics,
 // bitwise identical across runs (see benchmarks/NOTES.md for the byte and atomic counts).
 #include <ATen/ATen.h>
-#include "common/check.h"
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -483,14 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                             attention_weights);
   DBSAM_CHECK_VALUE(value.is_cuda(), "ms_deform_attn: the CUDA kernel needs CUDA tensors, got ",
                     value.device());
-  DBSAM_CHECK_VALUE(grad_output.numel() == d.N * d.Lq * d.M * d.D && grad_output.dim() >= 2 &&
-                        grad_output.size(0) == d.N && grad_output.size(1) == d.Lq,
-                    "ms_deform_attn_backward: grad_output must be [N, Lq, M*D] = [", d.N, ", ",
-                    d.Lq, ", ", d.M * d.D, "], got ", grad_output.sizes());
-  DBSAM_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
-                   "ms_deform_attn_backward: grad_output must have value's dtype");
-  DBSAM_CHECK_VALUE(grad_output.device() == value.device(),
-                    "ms_deform_attn_backward: grad_output must be on ", value.device());
+  check_grad_output(d, grad_output, value);
   const c10::cuda::CUDAGuard guard(value.device());
   auto go = grad_output.contiguous();
   auto v = value.contiguous();
@@ -517,17 +509,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     constexpr int V = fast_vec<scalar_t>();
     constexpr int VH = sizeof(scalar_t) == 2 ? V / 2 : V;
     const bool fast = d.D % V == 0 && aligned16(v.data_ptr()) && aligned16(go.data_ptr());
-    KDims k = make_dims(d, d.N * d.Lq * d.M, fast ? V : 1);
+    // The deterministic path keeps 16-byte loads (its gather kernel is instantiated for V only).
+    const bool half = fast && !deterministic && VH != V && half_width_loads();
+    KDims k = make_dims(d, d.N * d.Lq * d.M, half ? VH : fast ? V : 1);
     k.head_major = pick_order(true);
     if (!deterministic) {
       // acc_t buffer laid out like value: fp32 for fp16/bf16 (rounded once below).
       auto acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
       acc_t* gv = acc.data_ptr<acc_t>();
-      if (fast && VH != V && half_width_loads()) {
-        KDims kh = make_dims(d, d.N * d.Lq * d.M, VH);
-        kh.head_major = k.head_major;
+      if (half) {
         launch_backward<scalar_t, coord_t, VH, true>(go, v, shapes, starts, loc, attn, gv,
-                                                     grad_loc, grad_attn, kh, stream);
+                                                     grad_loc, grad_attn, k, stream);
       } else if (fast) {
         launch_backward<scalar_t, coord_t, V, true>(go, v, shapes, starts, loc, attn, gv,
                                                     grad_loc, grad_attn, k, stream);

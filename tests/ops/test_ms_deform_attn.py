@@ -313,6 +313,11 @@ def test_direct_op_call_checks_levels():
     args = _replace(3, _good()[3].double())
     with pytest.raises(TypeError, match="sampling_locations"):
         torch.ops.dbsam.ms_deform_attn_forward(*args)
+    # The backward checks grad_output too: a flat one with the right number of elements is refused.
+    args = _good()
+    out = torch.ops.dbsam.ms_deform_attn_forward(*args)
+    with pytest.raises(ValueError, match=r"grad_output must be \[N, Lq, M\*D\]"):
+        torch.ops.dbsam.ms_deform_attn_backward(out.flatten(), *args)
 
 
 # ----------------------------------------------------------------------------------------------
