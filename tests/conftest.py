@@ -8,9 +8,13 @@ sees the variable. Tests that run Triton kernels on CPU tensors set it again for
 `triton_interpreter` fixture.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")
@@ -32,3 +36,20 @@ def triton_interpreter(monkeypatch):
     can only run interpreted (the backends' availability checks read the variable)."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def compiled_triton():
+    """run(script) -> stdout: the script in a fresh process with Triton in compiled mode (no
+    TRITON_INTERPRET; the in-tree package first on the path), for compiling kernels ahead of time
+    without a GPU (Triton bundles ptxas). Skips where this Triton has no ptxas; fails on any error."""
+    def run(script: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([REPO, *sys.path])
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
+            pytest.skip("no ptxas in this triton install")
+        assert res.returncode == 0, res.stdout + res.stderr[-5000:]
+        return res.stdout
+
+    return run
