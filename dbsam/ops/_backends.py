@@ -10,6 +10,7 @@ silently falls back.
 """
 import contextlib
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -35,6 +36,22 @@ def _from_env() -> Optional[str]:
 
 
 _forced = _from_env()
+
+
+def alert_not_deterministic(what: str) -> None:
+    """Raise (or warn, under `warn_only=True`) when deterministic algorithms are enabled, as
+    PyTorch's own nondeterministic kernels do. Written here because torch keeps its alert in C++
+    (at::globalContext().alertNotDeterministic) with no Python binding."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{what} does not have a deterministic implementation, but "
+           "torch.use_deterministic_algorithms(True) is set: use another backend for this op "
+           "(backend='cuda' has a deterministic backward), or use_deterministic_algorithms(True, "
+           "warn_only=True) to only warn")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
 
 
 def register(op: str, backend: str, reason: Callable[[torch.device], str]) -> None:

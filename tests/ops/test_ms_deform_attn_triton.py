@@ -497,3 +497,24 @@ def test_gpu_deterministic_mode_alerts():
             out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_deterministic_alert_raises_or_warns(warn_only):
+    # The GPU test above reaches this through the Triton backward; here the helper itself, on any
+    # host (torch has no Python binding for its own alert: the first GPU run found the one we
+    # called missing).
+    from dbsam.ops._backends import alert_not_deterministic
+
+    alert_not_deterministic("x")  # determinism off: silent
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        if warn_only:
+            with pytest.warns(UserWarning, match="the op under test does not have a deterministic"):
+                alert_not_deterministic("the op under test")
+        else:
+            with pytest.raises(RuntimeError, match="the op under test does not have a deterministic"):
+                alert_not_deterministic("the op under test")
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -39,6 +39,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from . import op as _op
+from .._backends import alert_not_deterministic
 
 try:  # triton is optional: `import dbsam.ops` must work without it (CPU-only torch)
     import triton
@@ -449,7 +450,7 @@ if triton is not None:
             # The grad_value scatter uses atomics, whose summation order varies run to run: raise
             # (or warn, with warn_only=True) as PyTorch's own nondeterministic ops do. The CPU
             # backend's backward is deterministic.
-            torch._C._alert_not_deterministic("ms_deform_attn_triton_backward (grad_value uses atomicAdd)")
+            alert_not_deterministic("ms_deform_attn's Triton backward (grad_value uses atomic adds)")
         acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         if N * Lq * M * D * L * P == 0:
