@@ -156,13 +156,15 @@ step_tests() {
     --junitxml="$OUT/junit_ops.xml" -p no:cacheprovider
 }
 
-sanitizer() {  # sanitizer TOOL [TAG]: TAG names the raw log of a second pass (another kernel variant)
+sanitizer() {  # sanitizer TOOL [TAG [ARGS...]]: TAG names the raw log of a second pass (another kernel variant)
   local tool=$1 tag=${2:-} san
+  shift; [ $# -gt 0 ] && shift
   san=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   [ -x "$san" ] || { echo "compute-sanitizer not found"; return 1; }
   local raw="$OUT/$tool$tag.raw.log" rc
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 1 --print-limit 20 \
-    "$PYTHON" benchmarks/sanitize_case.py >"$raw" 2>&1
+  # Unbuffered: a pass cut by its timeout still shows how far it got.
+  PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    "$PYTHON" benchmarks/sanitize_case.py "$@" >"$raw" 2>&1
   rc=$?
   cat "$raw"
   [ $rc -eq 0 ] || return 1
@@ -172,9 +174,11 @@ sanitizer() {  # sanitizer TOOL [TAG]: TAG names the raw log of a second pass (a
     || { echo "no summary line saying 0 errors"; return 1; }
 }
 
-# The second pass covers the 8-byte-load variant of the MSDA kernels (read once per process).
+# The second pass covers the 8-byte-load MSDA forward (the default pass: 16-byte forward, 8-byte
+# atomic backward; read once per process).
 step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 sanitizer memcheck _8B; }
-step_racecheck() { sanitizer racecheck; }
+# racecheck: our CUDA kernels only (sanitize_case.py --cuda-only says why).
+step_racecheck() { sanitizer racecheck "" --cuda-only; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
 step_profile() { "$PYTHON" benchmarks/profile_ops.py; }
