@@ -1,5 +1,6 @@
-"""A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of 8-byte loads
-for fp16/bf16 (DBSAM_MSDA_LOAD_BYTES=8, rows marked /8B), plus the
+"""A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of the load width
+for fp16/bf16 (default: 16-byte forward, 8-byte atomic backward; DBSAM_MSDA_LOAD_BYTES=8 or 16 forces
+one width on both, rows marked /8B and /16B), plus the
 deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
 uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
@@ -49,8 +50,8 @@ def child() -> None:
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / (median_us(lambda: dst.copy_(src)) * 1e-6)
     order = os.environ.get("DBSAM_MSDA_ORDER", "default")
-    if os.environ.get("DBSAM_MSDA_LOAD_BYTES") == "8":
-        order += "/8B"
+    if os.environ.get("DBSAM_MSDA_LOAD_BYTES") in ("8", "16"):
+        order += "/" + os.environ["DBSAM_MSDA_LOAD_BYTES"] + "B"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator(dev).manual_seed(0)
@@ -73,8 +74,9 @@ def main() -> int:
         child()
         return 0
     rc = 0
-    # (sample order, load bytes); None = the default. The last row: fp16/bf16 with 8-byte loads.
-    for order, load_bytes in (("query", None), ("head", None), (None, None), (None, "8")):
+    # (sample order, load bytes); None = the default. The last rows: fp16/bf16 with one load width
+    # forced on both directions.
+    for order, load_bytes in (("query", None), ("head", None), (None, None), (None, "8"), (None, "16")):
         env = dict(os.environ)
         env.pop("DBSAM_MSDA_ORDER", None)
         env.pop("DBSAM_MSDA_LOAD_BYTES", None)

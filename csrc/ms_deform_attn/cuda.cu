@@ -370,17 +370,29 @@ int pick_order(bool backward) {
   return backward ? 0 : 1;
 }
 
-// DBSAM_MSDA_LOAD_BYTES=8: fp16/bf16 lanes own 4 channels (8-byte loads) instead of 8, so a sample
-// gets twice the lanes (16 at D = 64) -- the forward and the atomic backward; the deterministic
-// gather keeps 16 bytes. An experiment, off by default until measured: on the H100 (2026-11-27,
-// NOTES.md section 7) bf16 reached a lower % of copy bandwidth than fp32 at the same shapes, with
-// half of fp32's lanes per sample. benchmarks/ab_order.py times both; read once per process.
-bool half_width_loads() {
-  static const bool on = [] {
+// fp16/bf16 lanes own 8 channels (16-byte loads) or 4 (8-byte loads, twice the lanes per sample).
+// Measured on the H100 (2026-11-27, commit 10030cd, benchmarks/results, NOTES.md section 8): the
+// forward is faster with 16 bytes (bf16 injector 486 vs 809 us), the atomic backward with 8 (3661
+// vs 2205 us: half the channels per lane halves each lane's atomics in flight and doubles the lanes
+// that issue them). So by default the forward loads 16 bytes and the atomic backward 8; the
+// deterministic gather keeps 16. DBSAM_MSDA_LOAD_BYTES=8 or =16 forces one width on both (the A/B
+// rows of benchmarks/ab_order.py); read once per process.
+int forced_load_bytes() {
+  static const int forced = [] {
     const char* e = std::getenv("DBSAM_MSDA_LOAD_BYTES");
-    return e != nullptr && std::string(e) == "8";
+    if (e == nullptr) return 0;
+    const std::string v(e);
+    if (v == "8") return 8;
+    if (v == "16") return 16;
+    return 0;
   }();
-  return on;
+  return forced;
+}
+
+bool half_width_loads(bool backward) {
+  const int forced = forced_load_bytes();
+  if (forced != 0) return forced == 8;
+  return backward;
 }
 
 // Launch shape for `threads` threads: 256-thread blocks, or 64-thread blocks when 256 would leave
@@ -438,7 +450,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool fast = d.D % V == 0 && aligned16(vp) && aligned16(op);
-    const bool half = fast && VH != V && half_width_loads();
+    const bool half = fast && VH != V && half_width_loads(false);
     const int vec = half ? VH : fast ? V : 1;
     KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
     k.head_major = pick_order(false);
@@ -510,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     constexpr int VH = sizeof(scalar_t) == 2 ? V / 2 : V;
     const bool fast = d.D % V == 0 && aligned16(v.data_ptr()) && aligned16(go.data_ptr());
     // The deterministic path keeps 16-byte loads (its gather kernel is instantiated for V only).
-    const bool half = fast && !deterministic && VH != V && half_width_loads();
+    const bool half = fast && !deterministic && VH != V && half_width_loads(true);
     KDims k = make_dims(d, d.N * d.Lq * d.M, half ? VH : fast ? V : 1);
     k.head_major = pick_order(true);
     if (!deterministic) {
