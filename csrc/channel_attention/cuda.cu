@@ -292,6 +292,19 @@ __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t*
 // and four independent partial sums per thread, so several loads of each chain are in flight.
 constexpr int kSeThreads = 1024;
 
+// sum_k a[k] * b[k] over one warp (every lane gets it), four independent partial sums per lane.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_dot(const acc_t* a, const acc_t* __restrict__ b, int n, int lane) {
+  acc_t s[4] = {0, 0, 0, 0};
+  int k = lane;
+  for (; k + 96 < n; k += 128) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) s[q] += a[k + 32 * q] * b[k + 32 * q];
+  }
+  for (; k < n; k += 32) s[0] += a[k] * b[k];
+  return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kSeThreads) se_gate_kernel(
     const acc_t* __restrict__ rowsum, const acc_t* __restrict__ w1, const acc_t* __restrict__ w2,
@@ -317,29 +330,13 @@ __global__ void __launch_bounds__(kSeThreads) se_gate_kernel(
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int r = warp; r < R; r += nw) {
-    const acc_t* row = w1 + static_cast<int64_t>(r) * C;
-    acc_t a[4] = {0, 0, 0, 0};
-    int c = lane;
-    for (; c + 96 < C; c += 128) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) a[q] += p[c + 32 * q] * row[c + 32 * q];
-    }
-    for (; c < C; c += 32) a[0] += p[c] * row[c];
-    const acc_t t = warp_sum((a[0] + a[1]) + (a[2] + a[3]));
+    const acc_t t = warp_dot(p, w1 + static_cast<int64_t>(r) * C, C, lane);
     if (lane == 0) h[r] = gelu(t);
   }
   __syncthreads();
   const acc_t sc = scale != nullptr ? scale[b] : acc_t(1);
   for (int c = warp; c < C; c += nw) {
-    const acc_t* row = w2 + static_cast<int64_t>(c) * R;
-    acc_t z[4] = {0, 0, 0, 0};
-    int r = lane;
-    for (; r + 96 < R; r += 128) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) z[q] += h[r + 32 * q] * row[r + 32 * q];
-    }
-    for (; r < R; r += 32) z[0] += h[r] * row[r];
-    const acc_t t = warp_sum((z[0] + z[1]) + (z[2] + z[3]));
+    const acc_t t = warp_dot(h, w2 + static_cast<int64_t>(c) * R, R, lane);
     if (lane == 0) gate[b * C + c] = sc / (acc_t(1) + ca_exp(-t));
   }
 }
