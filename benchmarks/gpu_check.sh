@@ -16,6 +16,8 @@
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
 #              sample order A/B and the deterministic backward), then bench_model
 #   ncu        (after profile) Nsight Compute sections of each op's kernels, benchmarks/ncu_case.py
+#   exit_probe (after ab) benchmarks/exit_probe.py: how many short processes that ran our ops abort
+#              at interpreter exit, per suspect (NOTES.md section 8)
 #              pytest-benchmark, one file each (a cut step loses only its own figures):
 #              --benchmark-json=$OUT/bench_<name>.json
 #   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
@@ -181,6 +183,7 @@ step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 sanitizer memche
 step_racecheck() { sanitizer racecheck "" --cuda-only; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
+step_exit_probe() { "$PYTHON" benchmarks/exit_probe.py --runs 4; }
 step_profile() { "$PYTHON" benchmarks/profile_ops.py; }
 # Nsight Compute on one fwd+bwd of each op's own kernels (benchmarks/ncu_case.py): throughput, stall
 # reasons, occupancy. --clock-control none: the card's clocks stay as they are.
@@ -214,7 +217,7 @@ step_report() {
   "$PYTHON" benchmarks/gpu_report.py "$OUT"/bench_*.json
 }
 
-export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_profile step_ncu \
+export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_exit_probe step_profile step_ncu \
   bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
@@ -230,6 +233,7 @@ TAIL_LINES=5 run_step bench_ca 60 1 bash -c step_bench_ca
 TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
+TAIL_LINES=4 run_step exit_probe 75 1 bash -c step_exit_probe
 TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report

@@ -24,7 +24,15 @@ def test_gpu_check_without_a_gpu(tmp_path):
     assert "SKIP  build  (GPU_CHECK_SKIP)" in summary
     gpu_steps = [line.split()[1] for line in summary if "needs a GPU" in line]
     assert gpu_steps == ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "profile", "ncu", "ab",
-                         "bench_model", "bench_slow", "report"], summary
+                         "exit_probe", "bench_model", "bench_slow", "report"], summary
     assert "torch" in (out / "info.log").read_text()
     with tarfile.open(tgz) as tar:
         assert "out/summary.txt" in tar.getnames()
+
+
+def test_exit_probe_runs_on_the_cpu():
+    # Its GPU verdicts matter; here only that every setting's child runs and exits 0.
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "exit_probe.py"), "--runs", "1",
+                          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("0 of 1 exited abnormally") == 4, res.stdout

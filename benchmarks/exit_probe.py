@@ -1,0 +1,86 @@
+"""Does a process that ran our ops exit cleanly? Counts abnormal exits per setting.
+
+On the H100 (2026-11-27, runs 3 and 4) one `test_kernel_variants` subprocess in four printed "ok"
+(parity held) and then aborted at interpreter exit: "terminate called without an active
+exception", no Python frame. 30 CPU runs here never did. This script splits the suspects by
+running a small child process `--runs` times in each setting:
+
+    full        import dbsam.ops (Triton too), ms_deform_attn + channel_attention fwd+bwd through autograd
+    no_triton   the same with `import triton` blocked (the Triton backend is then not registered)
+    ops_only    the C++ ops called directly: no autograd, no Python-registered kernel runs
+    torch_only  grid_sample fwd+bwd, dbsam never imported (torch's own teardown)
+
+    python benchmarks/exit_probe.py [--runs 10] [--device cuda|cpu]
+
+Prints one line per setting (exits that were not 0, with the first stderr tail) and exits 1 when
+any child exited abnormally.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+MODES = ("full", "no_triton", "ops_only", "torch_only")
+
+
+def child(mode: str, device: str) -> None:
+    if mode == "no_triton":
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+    import torch
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    if mode == "torch_only":
+        x = torch.randn(2, 8, 9, 11, generator=g).to(dev).requires_grad_()
+        grid = (torch.rand(2, 5, 4, 2, generator=g) * 2 - 1).to(dev)
+        torch.nn.functional.grid_sample(x, grid, align_corners=False).sum().backward()
+    else:
+        import dbsam.ops as ops
+        from dbsam.ops.ms_deform_attn import level_layout
+
+        spatial, starts = level_layout([(5, 7), (3, 2)], dev)
+        value = torch.randn(2, 41, 3, 16, generator=g).to(dev)
+        loc = torch.rand(2, 9, 3, 2, 2, 2, generator=g).to(dev)
+        attn = torch.rand(2, 9, 3, 2, 2, generator=g).to(dev)
+        if mode == "ops_only":
+            out = torch.ops.dbsam.ms_deform_attn_forward(value, spatial, starts, loc, attn)
+            torch.ops.dbsam.ms_deform_attn_backward(torch.ones_like(out), value, spatial, starts, loc, attn)
+        else:
+            value.requires_grad_()
+            ops.ms_deform_attn(value, spatial, starts, loc, attn).sum().backward()
+            mod = ops.ChannelAttention(24).to(dev)
+            x = torch.randn(2, 7, 5, 24, generator=g).to(dev).requires_grad_()
+            mod(x).sum().backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    print("ok", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--child", choices=MODES)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.device)
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bad_any = False
+    for mode in MODES:
+        bad, first = 0, ""
+        for _ in range(args.runs):
+            res = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--child", mode,
+                                  "--device", args.device], env=env, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0 or "ok" not in res.stdout:
+                bad += 1
+                first = first or f"status {res.returncode}: {res.stderr.strip()[-300:]}"
+        bad_any |= bad > 0
+        print(f"exit_probe {mode:10} {args.device}: {bad} of {args.runs} exited abnormally"
+              + (f"; first: {first}" if first else ""), flush=True)
+    return 1 if bad_any else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
