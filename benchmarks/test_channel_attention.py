@@ -13,6 +13,11 @@ Each benchmark records in extra_info the activation memory saved for backward (b
 tensors packed by autograd, measured with torch.autograd.graph.saved_tensors_hooks, excluding the
 parameters and x itself), the total saved bytes, one-pass bytes (B*H*W*C*itemsize) and GEMM GFLOP.
 GPU timings synchronise inside the timed function; pytest-benchmark warms up and reports the median.
+fp32 math: TF32 off for every implementation by default (torch.backends.cuda.matmul.allow_tf32 and
+torch.backends.cudnn.allow_tf32 both False). PyTorch's defaults differ (cuDNN's flag is on, the
+matmul flag off), so with them the eager rows' 1x1 convs ran in TF32 while our GEMMs ran in fp32:
+on the H100 (2026-11-27) eager's whole fp32 forward took less time than one of our fp32 GEMMs.
+DBSAM_BENCH_TF32=1 turns TF32 on for all of them instead; each row records the setting.
 DBSAM_BENCH_THREADS=n sets torch's intra-op threads for the CPU runs (on a shared, oversubscribed
 machine, 1 gives stable numbers; OpenMP barriers make multi-threaded timings swing 10-100x there).
 """
@@ -141,6 +146,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
+TF32 = os.environ.get("DBSAM_BENCH_TF32", "0") == "1"
+
+
+@pytest.fixture(autouse=True)
+def same_fp32_math():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TF32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -166,7 +182,7 @@ def test_channel_attention(benchmark, shape, dtype, mode, impl):
         benchmark.extra_info["saved_activation_bytes"] = act
         benchmark.extra_info["saved_total_bytes"] = total
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu",
-                                one_pass_bytes=B * H * W * C * x.element_size(),
+                                one_pass_bytes=B * H * W * C * x.element_size(), tf32=TF32,
                                 gemm_gflop=2 * B * H * W * C * C / 1e9)
     run()  # first call: compilation / autotuning outside the timed rounds
     rounds = 20 if ON_GPU else 5
