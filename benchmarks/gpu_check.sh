@@ -234,7 +234,7 @@ TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
 TAIL_LINES=4 run_step exit_probe 75 1 bash -c step_exit_probe
-TAIL_LINES=5 run_step bench_model 90 1 bash -c step_bench_model
+TAIL_LINES=5 run_step bench_model 150 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
 
