@@ -1,6 +1,7 @@
 """A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of the load width
 for fp16/bf16 (default: 16-byte forward, 8-byte atomic backward; DBSAM_MSDA_LOAD_BYTES=8 or 16 forces
-one width on both, rows marked /8B and /16B), plus the
+one width on both, rows marked /8B and /16B), of grad_value added straight in bf16/fp16
+(DBSAM_MSDA_LOWP_ATOMICS=1, rows marked /lowp), plus the
 deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
 uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
@@ -52,6 +53,8 @@ def child() -> None:
     order = os.environ.get("DBSAM_MSDA_ORDER", "default")
     if os.environ.get("DBSAM_MSDA_LOAD_BYTES") in ("8", "16"):
         order += "/" + os.environ["DBSAM_MSDA_LOAD_BYTES"] + "B"
+    if os.environ.get("DBSAM_MSDA_LOWP_ATOMICS") == "1":
+        order += "/lowp"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator(dev).manual_seed(0)
@@ -76,14 +79,18 @@ def main() -> int:
     rc = 0
     # (sample order, load bytes); None = the default. The last rows: fp16/bf16 with one load width
     # forced on both directions.
-    for order, load_bytes in (("query", None), ("head", None), (None, None), (None, "8"), (None, "16")):
+    # The last row: grad_value added straight in bf16/fp16 (DBSAM_MSDA_LOWP_ATOMICS=1, opt-in).
+    for order, load_bytes, lowp in (("query", None, False), ("head", None, False), (None, None, False),
+                                    (None, "8", False), (None, "16", False), (None, None, True)):
         env = dict(os.environ)
-        env.pop("DBSAM_MSDA_ORDER", None)
-        env.pop("DBSAM_MSDA_LOAD_BYTES", None)
+        for knob in ("DBSAM_MSDA_ORDER", "DBSAM_MSDA_LOAD_BYTES", "DBSAM_MSDA_LOWP_ATOMICS"):
+            env.pop(knob, None)
         if order:
             env["DBSAM_MSDA_ORDER"] = order
         if load_bytes:
             env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
+        if lowp:
+            env["DBSAM_MSDA_LOWP_ATOMICS"] = "1"
         rc |= subprocess.call([sys.executable, os.path.abspath(__file__), "--child"], env=env)
     return rc
 

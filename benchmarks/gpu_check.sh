@@ -10,7 +10,7 @@
 #   tests_cuda pytest tests/ops/test_ms_deform_attn_cuda.py, junit -> $OUT/junit_cuda.xml
 #   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases), junit -> $OUT/junit_ops.xml
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py (both ops, CUDA and
-#              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8
+#              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1
 #   racecheck  compute-sanitizer --tool racecheck on the same script
 #   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
@@ -177,8 +177,8 @@ sanitizer() {  # sanitizer TOOL [TAG [ARGS...]]: TAG names the raw log of a seco
 }
 
 # The second pass covers the 8-byte-load MSDA forward (the default pass: 16-byte forward, 8-byte
-# atomic backward; read once per process).
-step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 sanitizer memcheck _8B; }
+# atomic backward; read once per process) and the opt-in bf16/fp16 grad_value atomics.
+step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 sanitizer memcheck _8B; }
 # racecheck: our CUDA kernels only (sanitize_case.py --cuda-only says why).
 step_racecheck() { sanitizer racecheck "" --cuda-only; }
 

@@ -15,7 +15,8 @@
 // three numbers per sample point with xor shuffles and lane 0 writes them (every element of
 // grad_loc and grad_attn is written exactly once: no zero fill, no atomics). grad_value is a
 // scatter: atomics into an acc_t buffer (fp32 for fp16/bf16 values, rounded once at the end);
-// on sm_90 four fp32 channels go in one vector red (red.global.add.v4.f32).
+// on sm_90 four fp32 channels go in one vector red (red.global.add.v4.f32). Opt-in
+// (DBSAM_MSDA_LOWP_ATOMICS=1): fp16/bf16 channels added straight into grad_value, packed in pairs.
 // Deterministic mode (torch.use_deterministic_algorithms(True)): the same kernel without the
 // scatter, then each (corner, weight) contribution is keyed by its value row, the keys are sorted
 // stably and one group per distinct row sums its contributions in sorted order: no atomics,
@@ -25,13 +26,17 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "ms_deform_attn/checks.h"
 #include "ms_deform_attn/sampling.h"
@@ -41,6 +46,12 @@ namespace msda {
 namespace {
 
 constexpr int kThreads = 256;
+
+// Keeps a parameter out of template argument deduction (std::type_identity, which is C++20).
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
 
 // Launch geometry and sizes, passed by value.
 struct KDims {
@@ -113,6 +124,60 @@ __device__ __forceinline__ void atomic_add_vec(double* dst, const double (&v)[VE
   for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, v[j]);
 }
 
+// DBSAM_MSDA_LOWP_ATOMICS=1 only: the scatter adds straight into a bf16/fp16 grad_value, two
+// channels per 32-bit word, rounding at every add (see half_grad_atomics()). On sm_90 one vector
+// red carries VEC channels; before sm_90 one packed atomic per channel pair.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const scalar_t a(lo), b(hi);  // round to nearest even
+  return static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(b.x) << 16);
+}
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void atomic_add_vec_lowp(scalar_t* dst, const float (&v)[VEC]) {
+  static_assert(VEC == 4 || VEC == 8, "packed atomics need 4 or 8 channels");
+  constexpr bool kBf16 = std::is_same<scalar_t, c10::BFloat16>::value;
+  uint32_t w[VEC / 2];
+#pragma unroll
+  for (int j = 0; j < VEC / 2; ++j) w[j] = pack2<scalar_t>(v[2 * j], v[2 * j + 1]);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (VEC == 8 && kBf16) {
+    asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]) : "memory");
+  } else if constexpr (VEC == 8) {
+    asm volatile("red.global.add.noftz.v4.f16x2 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]) : "memory");
+  } else if constexpr (kBf16) {
+    asm volatile("red.global.add.noftz.v2.bf16x2 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]) : "memory");
+  } else {
+    asm volatile("red.global.add.noftz.v2.f16x2 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]) : "memory");
+  }
+#elif defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int j = 0; j < VEC / 2; ++j) {
+    if constexpr (kBf16) {
+      __nv_bfloat162 x;
+      memcpy(&x, &w[j], sizeof(x));
+      atomicAdd(reinterpret_cast<__nv_bfloat162*>(dst) + j, x);
+    } else {
+      __half2 x;
+      memcpy(&x, &w[j], sizeof(x));
+      atomicAdd(reinterpret_cast<__half2*>(dst) + j, x);
+    }
+  }
+#endif
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(c10::BFloat16* dst, const float (&v)[VEC]) {
+  atomic_add_vec_lowp<c10::BFloat16, VEC>(dst, v);
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(c10::Half* dst, const float (&v)[VEC]) {
+  atomic_add_vec_lowp<c10::Half, VEC>(dst, v);
+}
+
 // Sum over the G lanes of a group (xor butterfly: every lane ends with the total, and the order of
 // additions is fixed, so the result is the same on every run).
 template <typename T>
@@ -180,12 +245,13 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
 // variant takes ~115 registers and two blocks; ptxas_ms_deform_attn.txt shows what it costs.
 constexpr int kBackwardMinBlocks = 3;
 
-template <typename scalar_t, typename coord_t, int VEC, bool SCATTER>
+template <typename scalar_t, typename coord_t, int VEC, bool SCATTER,
+          typename gv_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
 msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ value,
                      const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                      const coord_t* __restrict__ loc, const coord_t* __restrict__ attn,
-                     at::opmath_type<scalar_t>* __restrict__ grad_value,
+                     gv_t* __restrict__ grad_value,
                      coord_t* __restrict__ grad_loc, coord_t* __restrict__ grad_attn,
                      const KDims d) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -395,6 +461,21 @@ bool half_width_loads(bool backward) {
   return backward;
 }
 
+// DBSAM_MSDA_LOWP_ATOMICS=1: fp16/bf16 values on the fast path scatter grad_value straight into a
+// tensor of value's dtype (packed bf16x2/f16x2 reds) instead of an fp32 buffer rounded once at the
+// end: half the atomic bytes, and no fp32 zero-fill and conversion passes (on the H100, 2026-11-27,
+// 159 + 259 us of the 2637 us bf16 injector fwd+bwd; deformops's bf16 backward works this way and
+// took 1003 us against our 1747 us kernel). The price is a rounding at every add: an element that
+// gathers k contributions carries up to ~k/2 bf16 ulps of error instead of one. Off by default;
+// opt-in until the GPU check has timed it and test_kernel_variants has bounded its error.
+bool half_grad_atomics() {
+  static const bool on = [] {
+    const char* e = std::getenv("DBSAM_MSDA_LOWP_ATOMICS");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
 // Launch shape for `threads` threads: 256-thread blocks, or 64-thread blocks when 256 would leave
 // SMs idle (the DETR decoder: 300 queries x 8 heads x 8 lanes = 75 blocks of 256 on 132 SMs).
 // Kernels index by blockDim.x, and 64 keeps whole warps, so groups (<= 32 lanes) stay intact.
@@ -473,13 +554,14 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   return out;
 }
 
-template <typename scalar_t, typename coord_t, int VEC, bool SCATTER>
+template <typename scalar_t, typename coord_t, int VEC, bool SCATTER,
+          typename gv_t = at::opmath_type<scalar_t>>
 void launch_backward(const at::Tensor& go, const at::Tensor& v, const at::Tensor& shapes,
                      const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
-                     at::opmath_type<scalar_t>* gv, const at::Tensor& grad_loc,
+                     typename NoDeduce<gv_t>::type* gv, const at::Tensor& grad_loc,
                      const at::Tensor& grad_attn, const KDims& k, cudaStream_t stream) {
   const Launch lc = launch_for(k.total * k.G);
-  msda_backward_kernel<scalar_t, coord_t, VEC, SCATTER><<<lc.grid, lc.block, 0, stream>>>(
+  msda_backward_kernel<scalar_t, coord_t, VEC, SCATTER, gv_t><<<lc.grid, lc.block, 0, stream>>>(
           go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
           starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), gv,
           grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), k);
@@ -526,6 +608,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     KDims k = make_dims(d, d.N * d.Lq * d.M, half ? VH : fast ? V : 1);
     k.head_major = pick_order(true);
     if (!deterministic) {
+      if constexpr (sizeof(scalar_t) == 2) {
+        if (fast && half_grad_atomics()) {
+          grad_value = at::zeros(v.sizes(), v.options());
+          scalar_t* gvl = grad_value.data_ptr<scalar_t>();
+          if (half) {
+            launch_backward<scalar_t, coord_t, VH, true, scalar_t>(go, v, shapes, starts, loc, attn, gvl,
+                                                                  grad_loc, grad_attn, k, stream);
+          } else {
+            launch_backward<scalar_t, coord_t, V, true, scalar_t>(go, v, shapes, starts, loc, attn, gvl,
+                                                                 grad_loc, grad_attn, k, stream);
+          }
+          return;
+        }
+      }
       // acc_t buffer laid out like value: fp32 for fp16/bf16 (rounded once below).
       auto acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
       acc_t* gv = acc.data_ptr<acc_t>();
