@@ -188,6 +188,15 @@ def test_misaligned_value_takes_the_general_path():
             assert rel_err(a, b) < 1e-4
 
 
+def _this_sys_path():
+    """PYTHONPATH for a child that must import dbsam exactly as this process did (the installed
+    package, or the in-place build on PYTHONPATH)."""
+    import os
+    import sys
+
+    return os.pathsep.join(p for p in sys.path if p)
+
+
 _ORDER_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -211,8 +220,7 @@ def test_kernel_variants(knob, setting):
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, **{knob: setting})
-    root = os.path.dirname(os.path.dirname(here))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = _this_sys_path()
     # -X faulthandler: on the H100 (2026-11-27) one process in four (a different setting each run)
     # printed "ok" and then aborted at interpreter exit ("terminate called without an active
     # exception", no Python frame). Parity and the clean exit are asserted apart, so a failure says
@@ -260,11 +268,10 @@ def test_low_precision_grad_value_atomics(load_bytes):
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
     env = dict(os.environ, DBSAM_MSDA_LOWP_ATOMICS="1")  # default: 4 channels per packed red; 16: 8
     if load_bytes != "default":
         env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = _this_sys_path()
     res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOWP_SCRIPT.format(here=here)], env=env,
                          capture_output=True, text=True, timeout=300)
     print(res.stdout)
