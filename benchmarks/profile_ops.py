@@ -1,9 +1,10 @@
 """Per-kernel CUDA time of one forward+backward of each op, from torch.profiler: where the time goes.
 
 The first H100 runs (benchmarks/results/h100_2026-11-27_*) left two questions that the end-to-end
-benchmarks cannot answer: which of the channel_attention CUDA op's launches makes it slower than
-eager PyTorch, and how the ms_deform_attn backward's time splits between the kernel, the zero-fill
-and the fp32-to-bf16 conversion of grad_value (against deformops' kernels when it is installed).
+benchmarks cannot answer: which of the channel_attention op's launches (CUDA and Triton) make it
+slower than eager PyTorch, and how the ms_deform_attn backward's time splits between the kernel, the
+zero-fill and the fp32-to-bf16 conversion of grad_value (CUDA and Triton, against deformops' kernels
+when it is installed).
 Prints, per case, the kernels by total CUDA time (median of 5 profiled steps after 3 warm-ups).
 
     python benchmarks/profile_ops.py        # needs a GPU
@@ -39,21 +40,23 @@ def _profile(name, step, reps=5, top=12):
 
 
 def channel_attention_cases():
-    from dbsam.ops import use_backend
-    from dbsam.ops.channel_attention import ChannelAttention
+    # The benchmark's own builders (benchmarks/test_channel_attention.py), so each profile is of
+    # exactly what a benchmark row times: our CUDA and Triton ops, and eager PyTorch written NCHW
+    # (the baseline of #4's goal). fp32 with TF32 off everywhere, as the benchmark runs it.
+    from test_channel_attention import _build
 
-    B, H, W, C = 8, 64, 64, 768
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    shape = (8, 64, 64, 768)
     for dtype in (torch.bfloat16, torch.float32):
-        for backend in ("cuda", "reference"):
-            mod = ChannelAttention(C).cuda().to(dtype)
-            x = torch.randn(B, H, W, C, device="cuda", dtype=dtype, requires_grad=True)
+        for impl in ("cuda", "triton", "eager_nchw"):
+            model = _build(impl, shape, dtype)
+            x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
             g = torch.randn_like(x)
 
-            def step(mod=mod, x=x, g=g, backend=backend):
-                with use_backend(backend):
-                    torch.autograd.grad(mod(x), [x, *mod.parameters()], g)
+            def step(model=model, x=x, g=g):
+                torch.autograd.grad(model(x), [x, *model.parameters()], g)
 
-            _profile(f"channel_attention {backend} {B}x{H}x{W}x{C} {str(dtype)[6:]} fwd+bwd", step)
+            _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step)
 
 
 def msda_cases():
@@ -71,7 +74,8 @@ def msda_cases():
         value, spatial, starts, l, a = case_inputs(N, **INJECTOR, dtype=dtype, device="cuda", generator=g)
         value.requires_grad_(), l.requires_grad_(), a.requires_grad_()
         grad = torch.randn(N, Lq, M * D, device="cuda", dtype=dtype)
-        runs = {"cuda": lambda: ms_deform_attn(value, spatial, starts, l, a, backend="cuda")}
+        runs = {"cuda": lambda: ms_deform_attn(value, spatial, starts, l, a, backend="cuda"),
+                "triton": lambda: ms_deform_attn(value, spatial, starts, l, a, backend="triton")}
         if deformops_msda is not None:
             runs["deformops"] = lambda: deformops_msda(value, spatial, starts, l.to(dtype), a.to(dtype))
         for name, fn in runs.items():
