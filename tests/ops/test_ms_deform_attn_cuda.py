@@ -188,13 +188,21 @@ def test_misaligned_value_takes_the_general_path():
             assert rel_err(a, b) < 1e-4
 
 
-def _this_sys_path():
-    """PYTHONPATH for a child that must import dbsam exactly as this process did (the installed
-    package, or the in-place build on PYTHONPATH)."""
+def _run_fresh(script, **knobs):
+    """Runs `script` (formatted with here=this directory) in a fresh process with the environment
+    variables `knobs` set (the kernels read theirs once per process), importing dbsam exactly as
+    this process did (its sys.path: the installed package, or the in-place build on PYTHONPATH).
+    -X faulthandler: on the H100 (2026-11-27) one such process in four (a different setting each
+    run) printed "ok" and then aborted at interpreter exit ("terminate called without an active
+    exception", no Python frame); the Python stacks come back with it if it happens again."""
     import os
+    import subprocess
     import sys
 
-    return os.pathsep.join(p for p in sys.path if p)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **knobs)
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", script.format(here=here)], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 _ORDER_SCRIPT = """
@@ -213,20 +221,9 @@ print("ok")
 def test_kernel_variants(knob, setting):
     # The kernels read their A/B variables (sample order; 8- or 16-byte loads for fp16/bf16 in both
     # directions, where the default is 16 forward and 8 backward) once per process: run each
-    # setting in a fresh one.
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, **{knob: setting})
-    env["PYTHONPATH"] = _this_sys_path()
-    # -X faulthandler: on the H100 (2026-11-27) one process in four (a different setting each run)
-    # printed "ok" and then aborted at interpreter exit ("terminate called without an active
-    # exception", no Python frame). Parity and the clean exit are asserted apart, so a failure says
-    # which of the two broke (benchmarks/NOTES.md section 8).
-    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ORDER_SCRIPT.format(here=here)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    # setting in a fresh one. Parity and the clean exit are asserted apart, so a failure says which
+    # of the two broke (the exit-time abort: benchmarks/NOTES.md section 8).
+    res = _run_fresh(_ORDER_SCRIPT, **{knob: setting})
     assert "ok" in res.stdout, "parity failed:\n" + res.stdout[-2000:] + res.stderr[-4000:]
     assert res.returncode == 0, ("parity held, but the process then exited with status "
                                  f"{res.returncode}:\n" + res.stderr[-4000:])
@@ -263,17 +260,10 @@ def test_low_precision_grad_value_atomics(load_bytes):
     # cent, against under 2% for the default path's single rounding. The bound, 10%, is loose on
     # purpose (a packing or addressing bug shows as O(1) error); the printed errors are the figure
     # that decides whether the variant could become a default (benchmarks/NOTES.md section 8).
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, DBSAM_MSDA_LOWP_ATOMICS="1")  # default: 4 channels per packed red; 16: 8
+    knobs = {"DBSAM_MSDA_LOWP_ATOMICS": "1"}  # default: 4 channels per packed red; 16: 8
     if load_bytes != "default":
-        env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
-    env["PYTHONPATH"] = _this_sys_path()
-    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOWP_SCRIPT.format(here=here)], env=env,
-                         capture_output=True, text=True, timeout=300)
+        knobs["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
+    res = _run_fresh(_LOWP_SCRIPT, **knobs)
     print(res.stdout)
     assert "ok" in res.stdout, "parity failed:\n" + res.stdout[-3000:] + res.stderr[-4000:]
 
