@@ -9,7 +9,8 @@
 #   build      in-place build for the H100 (MAX_JOBS=16 DBSAM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0),
 #              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt
 #   tests_cuda pytest tests/ops/test_ms_deform_attn_cuda.py, junit -> $OUT/junit_cuda.xml
-#   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases), junit -> $OUT/junit_ops.xml
+#   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases) and the ViT
+#              attention's fused-kernel test (tests/model/test_vit_attention.py), junit -> $OUT/junit_ops.xml
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py (both ops, CUDA and
 #              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1
 #   racecheck  compute-sanitizer --tool racecheck on the same script
@@ -161,7 +162,7 @@ step_tests_cuda() {
 }
 
 step_tests() {
-  "$PYTHON" -m pytest tests/ops -q -rs $(xdist) --ignore=tests/ops/test_ms_deform_attn_cuda.py \
+  "$PYTHON" -m pytest tests/ops tests/model/test_vit_attention.py -q -rs $(xdist) --ignore=tests/ops/test_ms_deform_attn_cuda.py \
     --junitxml="$OUT/junit_ops.xml" -p no:cacheprovider
 }
 
@@ -241,7 +242,7 @@ TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
 TAIL_LINES=4 run_step exit_probe 75 1 bash -c step_exit_probe
-TAIL_LINES=5 run_step bench_model 150 1 bash -c step_bench_model
+TAIL_LINES=5 run_step bench_model 180 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow
 TAIL_LINES=200 run_step report 15 1 bash -c step_report
 

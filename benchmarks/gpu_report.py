@@ -1,7 +1,8 @@
 """Prints a short table from pytest-benchmark JSON files: median time per benchmark, the speed-up
 over the reference backend of the same group, and the extra_info fields (effective GB/s, % of
 copy bandwidth) when the benchmark recorded them, and the peak GPU memory with its ratio to the
-reference's where the benchmark recorded it (the model benchmarks).
+reference's and the activation bytes saved for backward where the benchmark recorded them (the
+model benchmarks).
 
     python benchmarks/gpu_report.py gpu_out/bench_*.json
 """
@@ -53,7 +54,7 @@ def main(argv) -> int:
         ref_mem.update({r["group"]: r["extra"]["peak_memory_MiB"] for r in rows
                         if r["backend"] == base and r["extra"].get("peak_memory_MiB")})
     with_mem = any(r["extra"].get("peak_memory_MiB") for r in rows)
-    mem_head = f" {'peak_MiB':>9} {'mem/ref':>7}" if with_mem else ""
+    mem_head = f" {'peak_MiB':>9} {'mem/ref':>7} {'saved_MiB':>9}" if with_mem else ""
     print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6}" + mem_head)
     for r in sorted(rows, key=lambda r: (r["group"], r["median"] or float("inf"))):
         med = r["median"]
@@ -65,7 +66,8 @@ def main(argv) -> int:
         if with_mem:
             peak = r["extra"].get("peak_memory_MiB")
             ratio = f"{peak / ref_mem[r['group']]:.2f}x" if peak and r["group"] in ref_mem else "-"
-            mem = f" {peak if peak else '-'!s:>9} {ratio:>7}"
+            saved = r["extra"].get("saved_for_backward_MiB", "-")
+            mem = f" {peak if peak else '-'!s:>9} {ratio:>7} {saved!s:>9}"
         print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6}" + mem)
     return 0
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
+from saved_activations import saved_bytes
 
 from dbsam.ops import _backends
 from dbsam.ops.channel_attention import ChannelAttention, channel_attention_reference
@@ -123,24 +124,6 @@ def _build(impl, shape, dtype):
     return _compiled[key]
 
 
-def _saved_bytes(model, x):
-    """(activation bytes saved for backward excluding params and x, all saved bytes)."""
-    seen = {}
-    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x)
-    del y
-    total = sum(seen.values())
-    act = sum(n for ptr, n in seen.items() if ptr not in exclude)
-    return act, total
-
-
 def _sync():
     if ON_GPU:
         torch.cuda.synchronize()
@@ -178,7 +161,7 @@ def test_channel_attention(benchmark, shape, dtype, mode, impl):
             model(xg).backward(gy)
             _sync()
 
-        act, total = _saved_bytes(model, xg)
+        act, total = saved_bytes(lambda: model(xg), exclude=list(model.parameters()) + [xg])
         benchmark.extra_info["saved_activation_bytes"] = act
         benchmark.extra_info["saved_total_bytes"] = total
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu",

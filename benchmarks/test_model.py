@@ -1,10 +1,17 @@
 """DB-SAM end to end: forward and training step, fast ops vs reference ops.
 
 GPU: ViT-B at 1024 x 1024, batch 1, 2, 4; forward (no grad) and training step (forward, Dice + BCE
-on the low-res logits, backward, AdamW step), each with the fast ops (`auto`: cuda -> triton) and
-the pure-PyTorch reference ops, in fp32 and bf16 autocast, the training step also with gradient
-checkpointing of the frozen ViT blocks. One benchmark group per configuration holds the pair. Peak memory (torch.cuda.max_memory_allocated over the timed rounds) goes into
-`extra_info`. CPU: the `tiny` config, fast (C++ cpu kernels) vs reference.
+on the low-res logits, backward, AdamW step), in fp32 and bf16 autocast, the training step also
+with gradient checkpointing of the frozen ViT blocks. Rows of a group (one configuration):
+  auto                  the fast path: our ops' fastest backend (cuda -> triton) and the ViT
+                        attention through SDPA (model/vit_attention.py)
+  reference             the pure-PyTorch reference ops and segment_anything's own attention: DB-SAM
+                        as the original code runs it
+  auto_sam_attention    (train steps at batch 2, the goal's batch) our ops with SAM's attention:
+                        splits the gain between the two
+Peak memory (torch.cuda.max_memory_allocated over the timed rounds) and, for training steps without
+checkpointing, the activation bytes saved for backward (saved_activations.py) go into `extra_info`.
+CPU: the `tiny` config, the same rows (C++ cpu kernels as the fast ops).
 
     pytest benchmarks/test_model.py --benchmark-columns=median,iqr --benchmark-group-by=group
 """
@@ -17,12 +24,15 @@ import torch
 pytest.importorskip("segment_anything")
 
 import dbsam.ops  # noqa: E402
+from saved_activations import model_saved_bytes  # noqa: E402
 from dbsam.model import build_dbsam  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not ON_GPU, reason="ViT-B at 1024 needs a CUDA device; on CPU the tiny config is benchmarked")
 GPU_ROUNDS = int(os.environ.get("DBSAM_BENCH_ROUNDS", "5"))
-BACKENDS = ("auto", "reference")  # auto = the fast ops this machine has
+# Row label -> (op backend, ViT attention); see the module docstring.
+ROWS = {"auto": ("auto", "sdpa"), "reference": ("reference", "sam"), "auto_sam_attention": ("auto", "sam")}
+BACKENDS = ("auto", "reference")
 
 
 def sync(device: torch.device) -> None:
@@ -57,10 +67,12 @@ def make_inputs(model, batch: int, device: torch.device):
     return images, boxes, target
 
 
-def bench(benchmark, model, batch: int, mode: str, backend: str, device: torch.device, rounds: int,
+def bench(benchmark, model, batch: int, mode: str, row: str, device: torch.device, rounds: int,
           grad_checkpointing: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    backend, attention = ROWS[row]
     images, boxes, target = make_inputs(model, batch, device)
     model.set_grad_checkpointing(grad_checkpointing)
+    model.set_vit_attention(attention)
 
     def amp():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -96,9 +108,13 @@ def bench(benchmark, model, batch: int, mode: str, backend: str, device: torch.d
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         config=model.config.embed_dim, img_size=model.config.img_size, batch=batch, mode=mode,
-        backend=resolved_backend(backend, device), grad_checkpointing=grad_checkpointing, dtype=str(dtype))
+        backend=resolved_backend(backend, device), vit_attention=attention, grad_checkpointing=grad_checkpointing,
+        dtype=str(dtype))
     if device.type == "cuda":
         benchmark.extra_info["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if mode == "train" and not grad_checkpointing:  # after the peak window: one more forward
+        saved = model_saved_bytes(model, images, boxes, backend, attention, dtype)
+        benchmark.extra_info["saved_for_backward_MiB"] = round(saved / 2**20, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,11 +138,15 @@ def test_vit_b_forward(benchmark, vit_b, batch, backend):
     bench(benchmark, vit_b, batch, "forward", backend, torch.device("cuda"), GPU_ROUNDS)
 
 
+TRAIN_CASES = [
+    pytest.param(batch, dtype, ckpt, row,
+                 id=f"{batch}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}-{'grad_ckpt' if ckpt else 'no_ckpt'}-{row}")
+    for batch in (1, 2, 4) for dtype in (torch.float32, torch.bfloat16) for ckpt in (False, True)
+    for row in ROWS if row != "auto_sam_attention" or batch == 2]
+
+
 @gpu
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "grad_ckpt"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("batch,dtype,ckpt,backend", TRAIN_CASES)
 def test_vit_b_train_step(benchmark, vit_b, batch, dtype, ckpt, backend):
     # Every configuration with both op sets, so each group (batch, dtype, checkpointing) holds the
     # fast-vs-reference pair the model goals are stated on (bf16, batch 2: time and peak memory).

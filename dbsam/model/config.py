@@ -9,6 +9,7 @@ from typing import Any, Dict, Tuple
 
 CONV_PYRAMIDS = ("single", "pyramid", "multiscale")
 ADAPTER_PLACEMENTS = ("stage", "block")
+VIT_ATTENTIONS = ("sdpa", "sam")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class DBSAMConfig:
     window_size: int = 14
     global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)
     mlp_ratio: float = 4.0
+    vit_attention: str = "sdpa"         # "sdpa": SAM's attention through a fused kernel, scores never
+    #                                     stored (model/vit_attention.py); "sam": segment_anything's own
     # --- SAM prompt encoder (frozen) and mask decoder (trainable) ------------------------------
     prompt_embed_dim: int = 256
     mask_in_chans: int = 16
@@ -59,6 +62,8 @@ class DBSAMConfig:
     def __post_init__(self):
         if self.conv_pyramid not in CONV_PYRAMIDS:
             raise ValueError(f"conv_pyramid must be one of {CONV_PYRAMIDS}, got {self.conv_pyramid!r}")
+        if self.vit_attention not in VIT_ATTENTIONS:
+            raise ValueError(f"vit_attention must be one of {VIT_ATTENTIONS}, got {self.vit_attention!r}")
         if self.adapter_placement not in ADAPTER_PLACEMENTS:
             raise ValueError(f"adapter_placement must be one of {ADAPTER_PLACEMENTS}, got {self.adapter_placement!r}")
         if self.depth % self.num_stages:

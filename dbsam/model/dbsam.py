@@ -29,6 +29,7 @@ from .conv_branch import ConvBranch, LevelMerge
 from .cross_attention import (GEOMETRY_BUFFERS, BilateralCrossAttention, MapGeometry, geometry_buffers,
                               geometry_from_buffers)
 from .fusion import ViTConvFusion
+from .vit_attention import set_vit_attention
 from .vit_branch import build_image_encoder, embed, norms_in_fp32, run_block, run_neck, stage_ranges
 
 # Parts of the model, by parameter-name prefix, and whether they train (docs/model.md).
@@ -76,6 +77,7 @@ class DBSAM(nn.Module):
             transformer_dim=cfg.prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=cfg.iou_head_hidden_dim)
         for sam_part in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
             norms_in_fp32(sam_part)  # SAM's LayerNorm2d in fp32 under autocast; same names and weights
+        self.set_vit_attention(cfg.vit_attention)
 
         # ViT branch: stages of frozen blocks, each followed by channel attention (Eq. 1).
         self.stages = stage_ranges(cfg.depth, cfg.num_stages)
@@ -176,6 +178,13 @@ class DBSAM(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> "DBSAM":
         self.grad_checkpointing = bool(enabled)
+        return self
+
+    def set_vit_attention(self, impl: str = "sdpa") -> "DBSAM":
+        """The frozen ViT's attention: "sdpa" (fused kernel, the score matrices never stored) or
+        "sam" (segment_anything's own forward). Same parameters, same result within rounding."""
+        set_vit_attention(self.image_encoder, impl)
+        self.vit_attention = impl
         return self
 
     def trainable_state_dict(self) -> "OrderedDict[str, torch.Tensor]":

@@ -1,0 +1,179 @@
+"""The ViT attention through SDPA (dbsam/model/vit_attention.py) against segment_anything's own.
+
+The rel-pos tables are zero at init (SAM's rel_pos_zero_init): every test fills them with noise
+first, or the folded rel-pos terms would be checked against zeros.
+"""
+import pytest
+import torch
+
+pytest.importorskip("segment_anything")
+
+from segment_anything.modeling.image_encoder import Attention  # noqa: E402
+
+from dbsam.model.vit_attention import (SDPARelPosAttention, fold_rel_pos, rel_pos_attention,  # noqa: E402
+                                      set_vit_attention)
+
+# (H, W) of the tokens, input_size the rel-pos tables were built for (a mismatch takes SAM's
+# interpolation path), whether rel-pos is used.
+CASES = [
+    pytest.param((6, 5), (6, 5), True, id="global-6x5"),
+    pytest.param((7, 7), (4, 4), True, id="interpolated-7x7-from-4x4"),
+    pytest.param((1, 3), (1, 3), True, id="one-row"),
+    pytest.param((5, 4), (5, 4), False, id="no-rel-pos"),
+]
+
+
+def sam_attention(dim=32, heads=4, input_size=(6, 5), use_rel_pos=True, dtype=torch.float64):
+    a = Attention(dim, num_heads=heads, use_rel_pos=use_rel_pos, input_size=input_size).to(dtype)
+    if use_rel_pos:
+        with torch.no_grad():
+            a.rel_pos_h.normal_()
+            a.rel_pos_w.normal_()
+    return a
+
+
+def forward_and_grads(attn, x, impl):
+    set_vit_attention(attn, impl)
+    x = x.detach().requires_grad_()
+    out = attn(x)
+    weights = torch.randn_like(out, generator=torch.Generator().manual_seed(7))  # not out.sum(): every output counts differently
+    grads = torch.autograd.grad((out * weights).sum(), [x] + list(attn.parameters()))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("size,input_size,use_rel_pos", CASES)
+def test_sdpa_matches_sam_float64(size, input_size, use_rel_pos):
+    attn = sam_attention(input_size=input_size, use_rel_pos=use_rel_pos)
+    x = torch.randn(3, *size, 32, dtype=torch.float64)
+    ref, ref_grads = forward_and_grads(attn, x, "sam")
+    out, grads = forward_and_grads(attn, x, "sdpa")
+    assert type(attn) is SDPARelPosAttention
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    names = ["x"] + [n for n, _ in attn.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_folded_scores_are_sams_scores():
+    """<q', k'> is SAM's score matrix, rel-pos and scale included, and the head width is padded to 8."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    attn = sam_attention()
+    B, heads, (H, W), hd = 2, 4, (6, 5), 8
+    q, k = torch.randn(2, B, heads, H * W, hd, dtype=torch.float64)
+    q2, k2 = fold_rel_pos(q, k, attn.rel_pos_h, attn.rel_pos_w, (H, W), attn.scale)
+    assert q2.shape[-1] == k2.shape[-1] == 24  # 8 + 6 + 5 = 19 -> 24
+    flat_q, flat_k = q.reshape(B * heads, H * W, hd), k.reshape(B * heads, H * W, hd)
+    ref = add_decomposed_rel_pos((flat_q * attn.scale) @ flat_k.transpose(-2, -1), flat_q, attn.rel_pos_h,
+                                 attn.rel_pos_w, (H, W), (H, W))
+    torch.testing.assert_close((q2 @ k2.transpose(-2, -1)).reshape(B * heads, H * W, H * W), ref)
+
+
+@pytest.mark.parametrize("pad_value", [True, False], ids=["v-padded", "v-as-is"])
+def test_value_width_either_way(pad_value):
+    """v padded to q's width (a CPU's flash kernel) or left as it is (CUDA's memory-efficient kernel;
+    on a CPU the math fallback takes it): the same attention."""
+    attn = sam_attention()
+    q, k, v = torch.randn(3, 2, 4, 30, 8, dtype=torch.float64)
+    ref = ((q @ k.transpose(-2, -1)) * attn.scale).reshape(8, 30, 30)
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    ref = add_decomposed_rel_pos(ref, q.reshape(8, 30, 8), attn.rel_pos_h, attn.rel_pos_w, (6, 5), (6, 5))
+    ref = (ref.softmax(-1) @ v.reshape(8, 30, 8)).reshape(2, 4, 30, 8)
+    out = rel_pos_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (6, 5), attn.scale, pad_value=pad_value)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_and_bf16_autocast_track_float64():
+    """In fp32 and under bf16 autocast the SDPA version is as close to the float64 result as SAM's
+    own (the folded scores are accumulated in fp32 inside the kernel, SAM adds bf16 rel-pos terms to
+    a bf16 score matrix)."""
+    attn = sam_attention(input_size=(8, 8))
+    x = torch.randn(2, 8, 8, 32, dtype=torch.float64)
+    exact, _ = forward_and_grads(attn, x, "sam")
+    attn32, x32 = attn.float(), x.float()
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        errors = {}
+        for impl in ("sam", "sdpa"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out, _ = forward_and_grads(attn32, x32, impl)
+            errors[impl] = ((out.double() - exact).abs().max() / exact.abs().max()).item()
+        print(dtype, "relative max error vs float64:", errors)
+        assert errors["sdpa"] < bound
+        assert errors["sdpa"] <= 2 * errors["sam"] + 1e-6
+
+
+def test_switch_keeps_parameters_and_rejects_unknown():
+    attn = sam_attention()
+    before = {n: p for n, p in attn.named_parameters()}
+    set_vit_attention(attn, "sdpa")
+    assert {n: p for n, p in attn.named_parameters()} == before  # the same Parameter objects
+    with pytest.raises(ValueError, match="vit_attention must be one of"):
+        set_vit_attention(attn, "flash")
+
+
+def test_model_switches_at_run_time(tiny, tiny_batch):
+    """The whole tiny model with either attention: same logits and gradients; SDPA is the default."""
+    from dbsam.model import DBSAMConfig
+
+    assert DBSAMConfig().vit_attention == "sdpa" and tiny.vit_attention == "sdpa"
+    with pytest.raises(ValueError, match="vit_attention"):
+        DBSAMConfig(vit_attention="xformers")
+    images, boxes = tiny_batch
+    tiny.eval()
+    with torch.no_grad():
+        for name, p in tiny.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+    keys = set(tiny.state_dict())
+    results = {}
+    for impl in ("sam", "sdpa"):
+        tiny.set_vit_attention(impl).zero_grad(set_to_none=True)
+        low, iou = tiny(images, boxes)
+        (low.sigmoid().mean() + iou.mean()).backward()
+        results[impl] = low.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+    assert set(tiny.state_dict()) == keys
+    torch.testing.assert_close(results["sdpa"][0], results["sam"][0], rtol=1e-4, atol=1e-5)
+    assert results["sdpa"][1].keys() == results["sam"][1].keys()
+    for n, g in results["sam"][1].items():
+        torch.testing.assert_close(results["sdpa"][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_compiles_in_one_graph():
+    torch._dynamo.reset()
+    attn = set_vit_attention(sam_attention(dtype=torch.float32), "sdpa")
+    x = torch.randn(2, 6, 5, 32, requires_grad=True)
+    compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, attn(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SDPA kernels (flash, memory-efficient) need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 64, 64, 768, 12, 64), (50, 14, 14, 768, 12, 14)], ids=["vitb-global", "vitb-window"])
+def test_gpu_uses_a_fused_kernel(shape, dtype):
+    """At ViT-B's shapes a fused kernel takes the folded q', k', v (the math fallback, which would
+    store the scores again, is excluded: SDPA raises if no fused kernel accepts them), forward and
+    backward, and agrees with SAM's attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, W, C, heads, size = shape
+    torch.manual_seed(0)
+    attn = sam_attention(C, heads, (size, size), dtype=torch.float32).cuda()
+    with torch.no_grad():
+        attn.rel_pos_h.mul_(0.1)
+        attn.rel_pos_w.mul_(0.1)
+    x = torch.randn(B, H, W, C, device="cuda")
+    outs = {}
+    for impl in ("sam", "sdpa"):
+        set_vit_attention(attn, impl)
+        xi = x.clone().requires_grad_()
+        fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), fused:
+            out = attn(xi)
+        out.float().square().mean().backward()
+        outs[impl] = out.float(), xi.grad
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(outs["sdpa"][0], outs["sam"][0], **tol)
+    torch.testing.assert_close(outs["sdpa"][1], outs["sam"][1], rtol=tol["rtol"] * 5, atol=tol["atol"])
