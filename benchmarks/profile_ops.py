@@ -5,16 +5,35 @@ benchmarks cannot answer: which of the channel_attention op's launches (CUDA and
 slower than eager PyTorch, and how the ms_deform_attn backward's time splits between the kernel, the
 zero-fill and the fp32-to-bf16 conversion of grad_value (CUDA and Triton, against deformops' kernels
 when it is installed).
-Prints, per case, the kernels by total CUDA time (median of 5 profiled steps after 3 warm-ups).
+Prints, per case, the kernels by total CUDA time (median of 5 profiled steps after 3 warm-ups), and
+the step's synchronised wall time and host time beside it.
 
     python benchmarks/profile_ops.py        # needs a GPU
 """
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _host_and_wall_us(step, reps=20):
+    """Median host time of one step() (returns once its launches are queued) and median wall time of
+    a synchronised step. Wall far above the kernels' sum means the GPU waits for the host: launch
+    overhead, not kernel time (the suspect for the Triton backend at N = 1, NOTES section 8)."""
+    host, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(host), 1e6 * statistics.median(wall)
 
 
 def _profile(name, step, reps=5, top=12):
@@ -23,6 +42,7 @@ def _profile(name, step, reps=5, top=12):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    host_us, wall_us = _host_and_wall_us(step)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
@@ -34,7 +54,7 @@ def _profile(name, step, reps=5, top=12):
             rows.append((t / reps, e.count // reps, e.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"== {name}: {total:.1f} us of kernels per step")
+    print(f"== {name}: {total:.1f} us of kernels per step; wall {wall_us:.1f} us, host {host_us:.1f} us")
     for t, n, key in rows[:top]:
         print(f"   {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{n:<3d} {key[:110]}")
 
@@ -64,13 +84,15 @@ def msda_cases():
 
     from dbsam.ops import ms_deform_attn
 
-    N, Lq, M, D = 8, INJECTOR["Lq"], INJECTOR["M"], INJECTOR["D"]
     g = torch.Generator("cuda").manual_seed(0)
     try:
         from deformops.registry import msda as deformops_msda
     except ImportError:
         deformops_msda = None
-    for dtype in (torch.bfloat16, torch.float32):
+    # The injector at N = 8 (where the bf16 backward's split matters) and at N = 1 (where the Triton
+    # backend was 1.5-2.5x slower than CUDA, fwd+bwd at ~1 ms whatever the shape).
+    for N, dtype in ((8, torch.bfloat16), (8, torch.float32), (1, torch.bfloat16)):
+        Lq, M, D = INJECTOR["Lq"], INJECTOR["M"], INJECTOR["D"]
         value, spatial, starts, l, a = case_inputs(N, **INJECTOR, dtype=dtype, device="cuda", generator=g)
         value.requires_grad_(), l.requires_grad_(), a.requires_grad_()
         grad = torch.randn(N, Lq, M * D, device="cuda", dtype=dtype)
