@@ -87,8 +87,9 @@ def test_tune(name, dtype, copy_bandwidth, monkeypatch):
     bwd_bytes = (io + grad_out.numel() * esz + (loc.numel() + attn.numel()) * csz
                  + value.numel() * (4 if esz == 4 else 8 + esz))
     block_d = max(triton.next_power_of_2(D), 2)
-    for kind, floor, (tf, tt), tuner in (("fwd", fwd_bytes, (t_fixed[0], t_tuned[0]), ks.tuned("fwd", block_d)),
-                                         ("bwd", bwd_bytes, (t_fixed[1], t_tuned[1]), ks.tuned("bwd", block_d))):
+    small = tb._is_small(N * M * Lq, tb._sm_count(torch.cuda.current_device()))
+    for kind, floor, (tf, tt), tuner in (("fwd", fwd_bytes, (t_fixed[0], t_tuned[0]), ks.tuned("fwd", block_d, small)),
+                                         ("bwd", bwd_bytes, (t_fixed[1], t_tuned[1]), ks.tuned("bwd", block_d, small))):
         for label, ms in (("fixed", tf), ("tuned", tt)):
             bw = floor / (ms * 1e-3)
             print(f"\n{name:26s} {str(dtype):15s} {kind} {label}: {ms * 1e3:8.1f} us  "

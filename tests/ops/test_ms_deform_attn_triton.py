@@ -119,6 +119,28 @@ def test_unavailable_reason_cpu(monkeypatch):
         msda_op.ms_deform_attn(value.float(), shapes, starts, loc.float(), attn.float(), backend="triton")
 
 
+@pytest.mark.parametrize("N,Lq,M,D", [(1, 300, 8, 32), (8, 300, 8, 32), (1, 4096, 12, 64), (8, 4096, 12, 64),
+                                      (1, 1, 1, 1025)])
+def test_launch_config_fills_the_gpu(N, Lq, M, D):
+    """The fixed launch config (compiled mode) keeps ~8 tile elements per thread, and shrinks
+    BLOCK_Q until there are two programs per SM or BLOCK_Q is 4; the autotuner of small problems
+    is a separate one. Pure arithmetic: no GPU needed."""
+    tb = _tb()
+    work, sms = N * M * Lq, 132
+    cfg = tb._fixed_config(D, 16, interpret=False, work=work, sms=sms)
+    base = tb._fixed_config(D, 16, interpret=False)
+    block_q, block_d = cfg["BLOCK_Q"], max(1 << (D - 1).bit_length(), 2)
+    programs = -(-work // block_q)
+    assert 4 <= block_q <= base["BLOCK_Q"] and block_q & (block_q - 1) == 0
+    assert programs >= 2 * sms or block_q == 4
+    if block_q < base["BLOCK_Q"]:  # shrunk only as far as needed
+        assert -(-work // (2 * block_q)) < 2 * sms
+    assert cfg["num_warps"] == max(1, min(8, block_q * block_d // 256))
+    assert tb._is_small(work, sms) == (work < 2 * sms * 128)
+    if (N, Lq, M, D) == (8, 4096, 12, 64):  # the DB-SAM shape at N = 8 keeps the measured config
+        assert cfg == base == {"BLOCK_Q": 32, "num_warps": 8}
+
+
 def test_import_without_triton():
     # A process where `import triton` fails, like the CPU-only torch: dbsam.ops imports, and the
     # Triton backend says why it is unavailable.

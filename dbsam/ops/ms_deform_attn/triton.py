@@ -31,9 +31,10 @@ Kernel design (one program = BLOCK_Q queries of one (batch n, head m), all D cha
   gets zero gradient; corners outside the map (or outside [0, S)) read as zero.
 """
 import contextlib
+import functools
 import os
 import types
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -285,7 +286,21 @@ def _msda_bwd_kernel(grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, a
 # Launch configuration: a fixed config (interpreter, tests, DBSAM_TRITON_AUTOTUNE=0) and the
 # autotune table for the GPU, keyed on D and L*P (BLOCK_D is derived from D, never tuned).
 
-def _fixed_config(D: int, LP: int, interpret: bool) -> Dict[str, int]:
+# The largest BLOCK_Q of the autotune table; a problem with fewer than two programs of it per SM
+# (queries x heads x batch < 2 * SMs * 128) is "small" and gets its own autotuner.
+_MAX_BLOCK_Q = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    try:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    except Exception:  # tracing with fake CUDA tensors on a host without a GPU: the H100's count
+        return 132
+
+
+def _fixed_config(D: int, LP: int, interpret: bool, work: Optional[int] = None, sms: int = 132) -> Dict[str, int]:
+    """work: the launch's (batch, query, head) count, N * M * Lq (None: not known)."""
     if interpret:
         # The interpreter's cost is per block operation, not per element: fewer, wider programs.
         return {"BLOCK_Q": 16, "num_warps": 4}
@@ -294,7 +309,16 @@ def _fixed_config(D: int, LP: int, interpret: bool) -> Dict[str, int]:
     # so enough warps stay resident to hide the gather latency. D=64 -> 32 queries x 8 warps.
     block_d = max(triton.next_power_of_2(D), 2)
     block_q = min(64, max(4, 2048 // block_d))
+    # Then fill the GPU: halve BLOCK_Q (and the warps with it) until there are two programs per SM.
+    # The Deformable DETR decoder (8 heads x 300 queries, D = 32) got 40 programs of 64 queries at
+    # N = 1, on 40 of the H100's 132 SMs (run 3: 2.5-3.3x the CUDA kernel's time).
+    while work is not None and block_q > 4 and (work + block_q - 1) // block_q < 2 * sms:
+        block_q //= 2
     return {"BLOCK_Q": block_q, "num_warps": max(1, min(8, block_q * block_d // 256))}
+
+
+def _is_small(work, sms: int) -> bool:
+    return work < 2 * sms * _MAX_BLOCK_Q
 
 
 def _autotune_configs(block_d: int):
@@ -302,7 +326,7 @@ def _autotune_configs(block_d: int):
     thread. More spills or starves occupancy: at 32 per thread ptxas (sm90) gives the backward 255
     registers plus a stack, the forward 140-250."""
     configs = []
-    for block_q in (8, 16, 32, 64, 128):
+    for block_q in (8, 16, 32, 64, _MAX_BLOCK_Q):
         for num_warps in (2, 4, 8):
             per_thread = block_q * block_d / (32 * num_warps)
             if 1 <= per_thread <= 16:
@@ -347,18 +371,21 @@ class _Kernels:
         self.bwd = jit(_msda_bwd_kernel)
         self._tuned = {}
 
-    def tuned(self, kind: str, block_d: int):
-        """The autotuned kernel (compiled mode only), one autotuner per (kind, BLOCK_D) so that
-        each gets the table for its tile width; tuning is keyed on D and L*P."""
-        if (kind, block_d) not in self._tuned:
+    def tuned(self, kind: str, block_d: int, small: bool = False):
+        """The autotuned kernel (compiled mode only), one autotuner per (kind, BLOCK_D, small) so
+        that each gets the table for its tile width, and a problem too small to fill the GPU with
+        large blocks (_is_small) does not inherit the config tuned on a large one with the same D
+        and L*P (Deformable DETR's decoder after its encoder); tuning is keyed on D and L*P (not on
+        N or Lq: a new image size must not re-tune)."""
+        if (kind, block_d, small) not in self._tuned:
             configs = _autotune_configs(block_d)
             if kind == "fwd":
                 tuned = triton.autotune(configs=configs, key=["D", "LP"])(self.fwd)
             else:
                 # Every trial launch adds into grad_value: the autotuner must zero it between trials.
                 tuned = triton.autotune(configs=configs, key=["D", "LP"], reset_to_zero=["grad_value_ptr"])(self.bwd)
-            self._tuned[(kind, block_d)] = tuned
-        return self._tuned[(kind, block_d)]
+            self._tuned[(kind, block_d, small)] = tuned
+        return self._tuned[(kind, block_d, small)]
 
 
 _KERNELS: Dict[bool, _Kernels] = {}
@@ -391,25 +418,26 @@ def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: in
     # on cuda:1 with cuda:0 current must still work); the stream is torch's current one. Not while
     # tracing (fake tensors, e.g. torch.compile/export on a host without a GPU): nothing launches.
     guard = device.type == "cuda" and not interpret and not is_fake(tensors[0])
+    sms = _sm_count(device.index if device.index is not None else 0) if guard else 132
     with torch.cuda.device(device) if guard else contextlib.nullcontext():
-        _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64)
+        _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64, sms)
 
 
-def _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64):
+def _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64, sms):
     from torch.library import wrap_triton as _wrap
 
     # wrap_triton makes the launch traceable (torch.compile sees the kernel); interpreted kernels
     # are numpy code that nothing can trace, and older torch releases reject them in wrap_triton.
     wrap_triton = (lambda k: k) if interpret else _wrap
     if _use_autotune(interpret):
-        kernel = ks.tuned(kind, block_d)
+        kernel = ks.tuned(kind, block_d, _is_small(N * M * Lq, sms))
 
         def grid(meta):
             return (N * M * triton.cdiv(Lq, meta["BLOCK_Q"]),)
 
         wrap_triton(kernel)[grid](*args, BLOCK_D=block_d, ACC_FP64=acc_fp64)
     else:
-        cfg = _fixed_config(D, LP, interpret)
+        cfg = _fixed_config(D, LP, interpret, work=N * M * Lq, sms=sms)
         kernel = ks.fwd if kind == "fwd" else ks.bwd
         grid = (N * M * triton.cdiv(Lq, cfg["BLOCK_Q"]),)
         wrap_triton(kernel)[grid](*args, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, ACC_FP64=acc_fp64,
