@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.sh without a GPU: the steps that need one say so, the rest run, and the
-archive option packs the logs (the GPU steps themselves run only on a GPU machine)."""
+"""The benchmark tools without a GPU. gpu_check.sh: the steps that need one say so, the rest run, and
+the archive option packs the logs (the GPU steps themselves run only on a GPU machine); exit_probe.py
+and saved_activations.py run on the CPU."""
 import os
 import shutil
 import subprocess
@@ -40,3 +41,13 @@ def test_exit_probe_runs_on_the_cpu():
     # ops_only says "skip: no native cpu kernels" in a pure-Python install; the others always run.
     assert all("0 of 1 exited abnormally" in line or ": skip: no native" in line for line in lines), res.stdout
     assert sum("0 of 1 exited abnormally" in line for line in lines) >= 3, res.stdout
+
+
+def test_saved_activations_runs_on_the_cpu():
+    pytest.importorskip("segment_anything")
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "saved_activations.py"), "--variant", "tiny"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("ops ")]
+    assert [(r[1], r[4]) for r in rows] == [("reference", "sam"), ("auto", "sdpa"), ("auto", "sam")], res.stdout
+    assert all(float(r[5]) > 0 for r in rows), res.stdout
