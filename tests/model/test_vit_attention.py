@@ -165,6 +165,7 @@ def test_gpu_uses_a_fused_kernel(shape, dtype):
         attn.rel_pos_h.mul_(0.1)
         attn.rel_pos_w.mul_(0.1)
     x = torch.randn(B, H, W, C, device="cuda")
+    weights = None
     outs = {}
     for impl in ("sam", "sdpa"):
         set_vit_attention(attn, impl)
@@ -172,8 +173,15 @@ def test_gpu_uses_a_fused_kernel(shape, dtype):
         fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), fused:
             out = attn(xi)
-        out.float().square().mean().backward()
+        if weights is None:  # O(1) gradients at every input (a mean would make them ~1e-7: untestable)
+            weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        (out.float() * weights).sum().backward()
         outs[impl] = out.float(), xi.grad
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(outs["sdpa"][0], outs["sam"][0], **tol)
-    torch.testing.assert_close(outs["sdpa"][1], outs["sam"][1], rtol=tol["rtol"] * 5, atol=tol["atol"])
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    errors = {"out": rel(*[outs[i][0] for i in ("sdpa", "sam")]), "grad_x": rel(*[outs[i][1] for i in ("sdpa", "sam")])}
+    print(shape, dtype, "relative max difference sdpa vs sam:", errors)
+    bound = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert errors["out"] < bound and errors["grad_x"] < bound, errors
