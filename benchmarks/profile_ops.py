@@ -36,7 +36,10 @@ def _host_and_wall_us(step, reps=20):
     return 1e6 * statistics.median(host), 1e6 * statistics.median(wall)
 
 
-def _profile(name, step, reps=5, top=12):
+def _profile(name, step, reps=5, top=12, gemm_shapes=False):
+    """gemm_shapes: also list the matmul calls (aten::mm/bmm/baddbmm/addmm) by input shape with their
+    CUDA time: run 4 showed two fp32 cuBLAS kernels of ~55 us each inside the bf16 adapter op whose
+    source call could not be told from the kernel names."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -57,6 +60,16 @@ def _profile(name, step, reps=5, top=12):
     print(f"== {name}: {total:.1f} us of kernels per step; wall {wall_us:.1f} us, host {host_us:.1f} us")
     for t, n, key in rows[:top]:
         print(f"   {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{n:<3d} {key[:110]}")
+    if gemm_shapes:  # a second pass with the CPU ops and their input shapes
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+        mm = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm")]
+        for e in sorted(mm, key=lambda e: -(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0))):
+            t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / reps
+            print(f"   [gemm] {t:9.1f} us  x{e.count // reps:<3d} {e.key} {e.input_shapes}")
 
 
 def channel_attention_cases():
@@ -76,7 +89,8 @@ def channel_attention_cases():
             def step(model=model, x=x, g=g):
                 torch.autograd.grad(model(x), [x, *model.parameters()], g)
 
-            _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step)
+            _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
+                     gemm_shapes=impl == "cuda")
 
 
 def msda_cases():
