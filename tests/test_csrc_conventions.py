@@ -11,7 +11,7 @@ def test_checks_build_their_messages_without_ostream_numerics():
     # DBSAM_CHECK* format numbers with std::to_string and shapes with shape_str.
     offenders = []
     for path in sorted(CSRC.rglob("*")):
-        if path.suffix not in (".h", ".cpp", ".cu") or path.name == "check.h":
+        if path.suffix not in (".h", ".cpp", ".cu", ".cuh") or path.name == "check.h":
             continue
         for no, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("//", 1)[0]

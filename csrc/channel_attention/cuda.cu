@@ -2,10 +2,10 @@
 //
 // Forward (x read twice, u written once, then one GEMM):
 //   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double).
-//   dw_gelu       one block per (32 channels, image row, image); the LN is applied on the fly to the
-//                 3x3 neighbourhood (9 reads per output, served by L1/L2), DW3x3 + GELU, u written in
-//                 x's dtype and the row's channel sums reduced in shared memory into rowsum[B, H, C]
-//                 (deterministic: no atomics; the H-sum is one tiny ATen reduction).
+//   dw_gelu       one block per (32 * VEC channels, image row, image); the LN is applied on the fly
+//                 to a 3x3 window walked along the row (3 LN evaluations per output), DW3x3 + GELU, u
+//                 written in x's dtype and the row's channel sums reduced in shared memory into
+//                 rowsum[B, H, C] (deterministic: no atomics; the H-sum is one tiny ATen reduction).
 //   se_gate       one block per image: pooled means from the row sums, the SE MLP (one warp per
 //                 hidden unit / channel, coalesced weight rows), the gate times the drop-path factor.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
@@ -17,7 +17,9 @@
 //   grad_pre (GELU derivative + pooled-mean gradient, in place), dw_backward (transposed DW, grad_dw
 //   and LN-affine partial sums per block, deterministic), ln_backward (one warp per pixel, + residual).
 //
-// Current stream, device guard, 64-bit offsets for every [B,H,W,C] index.
+// The [B,H,W,C] kernels are in kernels.cuh (CPU-tested under tests/cpp/cuda_emulation.h), templated
+// on VEC channels per thread (pick_vec, DBSAM_CA_VEC). Current stream, device guard, 64-bit offsets
+// for every [B,H,W,C] index.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,262 +29,18 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <tuple>
+#include <type_traits>
 
 #include "channel_attention/checks.h"
-#include "channel_attention/math.h"
+#include "channel_attention/kernels.cuh"
 
 namespace dbsam {
 namespace ca {
 namespace {
-
-constexpr int TX = 32;  // channels per block (one warp across contiguous channels)
-constexpr int TY = 8;   // column groups per block
-constexpr int WARPS = 8;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void ln_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ mean,
-                                acc_t* __restrict__ rstd, int64_t P, int C, acc_t eps) {
-  const int lane = threadIdx.x & 31;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5);
-  if (p >= P) return;  // whole warps leave together
-  const scalar_t* xp = x + p * C;
-  acc_t s = 0;
-  for (int c = lane; c < C; c += 32) s += static_cast<acc_t>(xp[c]);
-  const acc_t mu = warp_sum(s) / acc_t(C);
-  acc_t v = 0;
-  for (int c = lane; c < C; c += 32) {
-    const acc_t t = static_cast<acc_t>(xp[c]) - mu;
-    v += t * t;
-  }
-  v = warp_sum(v) / acc_t(C);
-  if (lane == 0) {
-    mean[p] = mu;
-    rstd[p] = acc_t(1) / sqrt(v + eps);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t ln_at(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                       const acc_t* __restrict__ rstd, int64_t p, int C, int c, acc_t gc,
-                                       acc_t bc) {
-  return (static_cast<acc_t>(x[p * C + c]) - mean[p]) * rstd[p] * gc + bc;
-}
-
-// Sums `vals[q]` over threadIdx.y and writes them to out[q * C + c] (threadIdx.y == 0).
-template <typename acc_t, int Q>
-__device__ __forceinline__ void block_sum_rows(const acc_t (&vals)[Q], acc_t* __restrict__ out, int C,
-                                               int c) {
-  __shared__ acc_t sh[TY][TX];
-#pragma unroll
-  for (int q = 0; q < Q; ++q) {
-    sh[threadIdx.y][threadIdx.x] = vals[q];
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-      acc_t s = 0;
-#pragma unroll
-      for (int t = 0; t < TY; ++t) s += sh[t][threadIdx.x];
-      out[static_cast<int64_t>(q) * C + c] = s;
-    }
-    __syncthreads();
-  }
-}
-
-// The LN values of column jj, rows i-1, i, i+1, of one channel; 0 off the map (DW's zero padding
-// applies to the LN output).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void ln_column(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                          const acc_t* __restrict__ rstd, int64_t b, int i, int jj, int H,
-                                          int W, int C, int c, acc_t gc, acc_t bc, acc_t (&col)[3]) {
-#pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const int ii = i + r - 1;
-    col[r] = (ii >= 0 && ii < H && jj >= 0 && jj < W) ? ln_at(x, mean, rstd, (b * H + ii) * W + jj, C, c, gc, bc)
-                                                       : acc_t(0);
-  }
-}
-
-// The grad at the DW output of column jj, rows i-1, i, i+1, of one channel; 0 off the map.
-template <typename acc_t>
-__device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t b, int i, int jj, int H, int W,
-                                          int C, int c, acc_t (&col)[3]) {
-#pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const int ii = i + r - 1;
-    col[r] = (ii >= 0 && ii < H && jj >= 0 && jj < W) ? gd[((b * H + ii) * W + jj) * C + c] : acc_t(0);
-  }
-}
-
-// Each thread walks a run of `chunk` adjacent columns with a 3x3 window of LN values in registers,
-// computing one new column per output (3 LN evaluations and x loads instead of 9). On the H100
-// (2026-11-27) the version that evaluated all 9 taps per output ran at 65% SM throughput with
-// L1TEX stalls at 57% of issue time, 297 us per call at 8x64x64x768 bf16.
-// grid (ceil(C/TX), H, B), block (TX, TY).
-template <typename scalar_t, typename acc_t>
-__global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                               const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
-                               const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
-                               scalar_t* __restrict__ u_out, acc_t* __restrict__ d_out,
-                               acc_t* __restrict__ rowsum, int H, int W, int C) {
-  const int c = blockIdx.x * TX + threadIdx.x;
-  const int i = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int chunk = (W + TY - 1) / TY;
-  const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
-  acc_t part[1] = {acc_t(0)};
-  if (c < C && j0 < j1) {
-    acc_t w[9];
-#pragma unroll
-    for (int k = 0; k < 9; ++k) w[k] = wt[k * C + c];
-    const acc_t gc = g[c], bc = bta[c];
-    acc_t win[3][3];  // [column j-1, j, j+1][row i-1, i, i+1]
-    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, win[0]);
-    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, win[1]);
-    for (int j = j0; j < j1; ++j) {
-      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, win[2]);
-      acc_t acc = 0;
-#pragma unroll
-      for (int ky = 0; ky < 3; ++ky) {
-#pragma unroll
-        for (int kx = 0; kx < 3; ++kx) acc += win[kx][ky] * w[ky * 3 + kx];
-      }
-      const int64_t o = ((b * H + i) * W + j) * C + c;
-      const acc_t uv = gelu(acc);
-      u_out[o] = static_cast<scalar_t>(uv);
-      if (d_out != nullptr) d_out[o] = acc;
-      part[0] += uv;
-#pragma unroll
-      for (int r = 0; r < 3; ++r) {
-        win[0][r] = win[1][r];
-        win[1][r] = win[2][r];
-      }
-    }
-  }
-  if (rowsum != nullptr) block_sum_rows<acc_t, 1>(part, rowsum + (b * H + i) * C, C, c);
-}
-
-// Per (image, row) channel sums of a * b. grid (ceil(C/TX), H, B), block (TX, TY).
-template <typename scalar_t, typename acc_t>
-__global__ void chan_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
-                                acc_t* __restrict__ out, int H, int W, int C) {
-  const int c = blockIdx.x * TX + threadIdx.x;
-  const int i = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  acc_t part[1] = {acc_t(0)};
-  if (c < C) {
-    for (int j = threadIdx.y; j < W; j += TY) {
-      const int64_t o = ((b * H + i) * W + j) * C + c;
-      part[0] += static_cast<acc_t>(a[o]) * static_cast<acc_t>(bb[o]);
-    }
-  }
-  block_sum_rows<acc_t, 1>(part, out + (b * H + i) * C, C, c);
-}
-
-// In place: d <- (gv * s[b] + gp[b] / HW) * gelu'(d).
-template <typename scalar_t, typename acc_t>
-__global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, acc_t* __restrict__ d,
-                                const acc_t* __restrict__ s, const acc_t* __restrict__ gp, int64_t total,
-                                int64_t HWC, int C, acc_t inv_hw) {
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t bc = (idx / HWC) * C + idx % C;
-    d[idx] = (static_cast<acc_t>(gv[idx]) * s[bc] + gp[bc] * inv_hw) * gelu_grad(d[idx]);
-  }
-}
-
-// Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
-// grad_ln_weight, grad_ln_bias. grid (ceil(C/TX), H, B), block (TX, TY).
-template <typename scalar_t, typename acc_t>
-__global__ void dw_backward_kernel(const acc_t* __restrict__ gd, const scalar_t* __restrict__ x,
-                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                                   const acc_t* __restrict__ g, const acc_t* __restrict__ bta,
-                                   const acc_t* __restrict__ wt, acc_t* __restrict__ gn_out,
-                                   acc_t* __restrict__ partials, int H, int W, int C) {
-  const int c = blockIdx.x * TX + threadIdx.x;
-  const int i = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int chunk = (W + TY - 1) / TY;
-  const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
-  acc_t part[11];
-#pragma unroll
-  for (int q = 0; q < 11; ++q) part[q] = 0;
-  if (c < C && j0 < j1) {
-    acc_t w[9];
-#pragma unroll
-    for (int k = 0; k < 9; ++k) w[k] = wt[k * C + c];
-    const acc_t gc = g[c], bc = bta[c];
-    // The same column walk as dw_gelu_kernel, with two windows: the grad at the DW output (gd) and
-    // the LN values, [column j-1, j, j+1][row i-1, i, i+1]. Before: 721 us per call at
-    // 8x64x64x768 bf16 on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel.
-    acc_t gwin[3][3], lwin[3][3];
-    gd_column(gd, b, i, j0 - 1, H, W, C, c, gwin[0]);
-    gd_column(gd, b, i, j0, H, W, C, c, gwin[1]);
-    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
-    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, lwin[1]);
-    for (int j = j0; j < j1; ++j) {
-      gd_column(gd, b, i, j + 1, H, W, C, c, gwin[2]);
-      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, lwin[2]);
-      const int64_t p = (b * H + i) * W + j;
-      const acc_t gdo = gwin[1][1];
-      acc_t gn = 0;
-#pragma unroll
-      for (int ky = 0; ky < 3; ++ky) {
-#pragma unroll
-        for (int kx = 0; kx < 3; ++kx) {
-          // output (i - ky + 1, j - kx + 1) read this pixel through tap (ky, kx)
-          gn += gwin[2 - kx][2 - ky] * w[ky * 3 + kx];
-          // this output read (i + ky - 1, j + kx - 1) through tap (ky, kx)
-          part[ky * 3 + kx] += gdo * lwin[kx][ky];
-        }
-      }
-      const acc_t xh = (static_cast<acc_t>(x[p * C + c]) - mean[p]) * rstd[p];
-      part[9] += gn * xh;
-      part[10] += gn;
-      gn_out[p * C + c] = gn;
-#pragma unroll
-      for (int r = 0; r < 3; ++r) {
-        gwin[0][r] = gwin[1][r];
-        gwin[1][r] = gwin[2][r];
-        lwin[0][r] = lwin[1][r];
-        lwin[1][r] = lwin[2][r];
-      }
-    }
-  }
-  block_sum_rows<acc_t, 11>(part, partials + (b * H + i) * 11 * C, C, c);
-}
-
-// One warp per pixel: gx = gy + rstd * (gn*g - mean(gn*g) - xhat * mean(gn*g*xhat)).
-template <typename scalar_t, typename acc_t>
-__global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t* __restrict__ x,
-                                   const scalar_t* __restrict__ gy, const acc_t* __restrict__ mean,
-                                   const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
-                                   scalar_t* __restrict__ gx, int64_t P, int C) {
-  const int lane = threadIdx.x & 31;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5);
-  if (p >= P) return;
-  const acc_t mu = mean[p], rs = rstd[p];
-  const int64_t base = p * C;
-  acc_t s1 = 0, s2 = 0;
-  for (int c = lane; c < C; c += 32) {
-    const acc_t gxh = gn[base + c] * g[c];
-    s1 += gxh;
-    s2 += gxh * (static_cast<acc_t>(x[base + c]) - mu) * rs;
-  }
-  s1 = warp_sum(s1) / acc_t(C);
-  s2 = warp_sum(s2) / acc_t(C);
-  for (int c = lane; c < C; c += 32) {
-    const acc_t xh = (static_cast<acc_t>(x[base + c]) - mu) * rs;
-    gx[base + c] = static_cast<scalar_t>(static_cast<acc_t>(gy[base + c]) +
-                                         rs * (gn[base + c] * g[c] - s1 - xh * s2));
-  }
-}
 
 // The SE MLP of one image per block: pooled = (sum over rows of rowsum) / HW (written out, saved for
 // the backward), h = GELU(W1 pooled), gate = sigmoid(W2 h) * branch_scale[b]. One warp per hidden
@@ -364,9 +122,43 @@ void check_cuda_dims(const Dims& d, const at::Tensor& x) {
                     "channel_attention: CUDA kernels support H, B <= 65535, got ", x.sizes());
 }
 
-dim3 tile_grid(const Dims& d) {
-  return dim3(static_cast<unsigned>((d.C + TX - 1) / TX), static_cast<unsigned>(d.H),
+dim3 tile_grid(const Dims& d, int vec) {
+  return dim3(static_cast<unsigned>((d.C + TX * vec - 1) / (TX * vec)), static_cast<unsigned>(d.H),
               static_cast<unsigned>(d.B));
+}
+
+// Channels per thread of the [B,H,W,C] kernels (kernels.cuh): DBSAM_CA_VEC=1|2|4, read at every
+// call so that the benchmark's A/B rows and the tests switch it within one process; 1 (the layout
+// the H100 runs measured) until a GPU run shows another is faster. A VEC that does not divide C, or
+// that a buffer's alignment does not allow (a view with an odd offset), falls back to the widest
+// that does; double always runs 1 (its correctness path, one instantiation fewer per kernel).
+int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs) {
+  const char* e = std::getenv("DBSAM_CA_VEC");
+  int vec = (e != nullptr && e[0] == '4' && e[1] == '\0') ? 4 : (e != nullptr && e[0] == '2' && e[1] == '\0') ? 2 : 1;
+  if (elem >= 8) return 1;
+  auto fits = [&](int v) {
+    if (d.C % v != 0) return false;
+    for (const void* p : ptrs) {
+      if (reinterpret_cast<uintptr_t>(p) % (static_cast<uintptr_t>(v) * elem) != 0) return false;
+    }
+    return true;
+  };
+  while (vec > 1 && !fits(vec)) vec /= 2;
+  return vec;
+}
+
+// f(std::integral_constant<int, VEC>) for the VEC picked at run time (1 only for double).
+template <typename scalar_t, typename F>
+void with_vec(int vec, F&& f) {
+  if constexpr (sizeof(scalar_t) >= 8) {
+    f(std::integral_constant<int, 1>{});
+  } else if (vec == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (vec == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 unsigned warp_blocks(int64_t P) { return static_cast<unsigned>((P + WARPS - 1) / WARPS); }
@@ -392,17 +184,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
   if (P > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
+    const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr()});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      ln_stats_kernel<scalar_t, acc_t><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
-          static_cast<int>(d.C), static_cast<acc_t>(eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dw_gelu_kernel<scalar_t, acc_t><<<tile_grid(d), dim3(TX, TY), 0, stream>>>(
-          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(),
-          w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(), nullptr,
-          rowsum.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.W), static_cast<int>(d.C));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vec<scalar_t>(vec, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
+            xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
+            static_cast<int>(d.C), static_cast<acc_t>(eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(),
+            w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(), nullptr,
+            rowsum.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.W), static_cast<int>(d.C));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     rowsum.zero_();
@@ -471,14 +267,18 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto dpre = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
+  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), u.data_ptr()});
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dw_gelu_kernel<scalar_t, acc_t><<<tile_grid(d), dim3(TX, TY), 0, stream>>>(
-          xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
-          w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(),
-          dpre.data_ptr<acc_t>(), nullptr, H, W, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vec<scalar_t>(vec, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
+            w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(),
+            dpre.data_ptr<acc_t>(), nullptr, H, W, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   // SE, recomputed from the saved pooled means.
@@ -493,12 +293,17 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto gpw = at::mm(gy2.t(), v);
   auto gv = at::mm(gy2, w.wp.to(st));  // [P, Cin]: grad at the gated activations
   auto rowdot = at::empty({d.B, d.H, d.C}, aopts);
+  // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
+  const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      chan_dot_kernel<scalar_t, acc_t><<<tile_grid(d), dim3(TX, TY), 0, stream>>>(
-          gv.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), rowdot.data_ptr<acc_t>(), H, W, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vec<scalar_t>(vec_gv, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        chan_dot_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            gv.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), rowdot.data_ptr<acc_t>(), H, W, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     rowdot.zero_();
@@ -517,23 +322,29 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const int64_t total = P * d.C;
-      const int threads = 256;
-      const int64_t want = (total + threads - 1) / threads;
-      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535 * 8));
-      grad_pre_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
-          gv.data_ptr<scalar_t>(), dpre.data_ptr<acc_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
-          total, HW * d.C, C, acc_t(1) / acc_t(HW));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dw_backward_kernel<scalar_t, acc_t><<<tile_grid(d), dim3(TX, TY), 0, stream>>>(
-          dpre.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
-          rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(),
-          gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ln_backward_kernel<scalar_t, acc_t><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
-          gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
-          rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), gx.data_ptr<scalar_t>(), P, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_vec<scalar_t>(vec_gv, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const int64_t total = P * d.C;
+        const int threads = 256;
+        const int64_t want = (total / VEC + threads - 1) / threads;
+        const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535 * 8));
+        grad_pre_kernel<scalar_t, acc_t, VEC><<<blocks, threads, 0, stream>>>(
+            gv.data_ptr<scalar_t>(), dpre.data_ptr<acc_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
+            total, HW * d.C, C, acc_t(1) / acc_t(HW));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      with_vec<scalar_t>(vec, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        dw_backward_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            dpre.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
+            rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(),
+            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
+            gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
+            rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), gx.data_ptr<scalar_t>(), P, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   } else {
     partials.zero_();

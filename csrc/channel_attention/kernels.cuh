@@ -1,0 +1,360 @@
+// Device code of the channel_attention CUDA op (cuda.cu holds the host side: checks, buffers,
+// launches, GEMMs). Kept apart, free of ATen, so that tests/cpp/test_ca_kernels.cpp can compile these
+// very kernels for the CPU under a small CUDA emulation (tests/cpp/cuda_emulation.h) and check them
+// against plain loops in every CI run, without a GPU.
+//
+// The SE kernel and the weight folding (one block per image, no VEC) stay in cuda.cu.
+//
+// VEC: consecutive channels per thread (1, 2 or 4), loaded and stored as one access (2 bf16 = 4
+// bytes, 4 bf16 = 8 bytes), with the per-pixel LN statistics read once for all VEC channels. VEC = 1
+// is the layout measured on the H100 (one channel per thread: a warp reads 64 bytes of bf16 per load
+// instruction). The host picks VEC (cuda.cu, DBSAM_CA_VEC) only where C % VEC == 0 and the buffers
+// are aligned to VEC elements.
+#pragma once
+
+#include <stdint.h>
+
+#include "channel_attention/math.h"
+
+namespace dbsam {
+namespace ca {
+
+constexpr int TX = 32;  // threads across contiguous channels per block (TX * VEC channels)
+constexpr int TY = 8;   // column groups per block
+constexpr int WARPS = 8;
+
+// VEC channels of one pixel as one aligned access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = static_cast<acc_t>(pk.v[k]);
+}
+
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const acc_t (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int k = 0; k < V; ++k) pk.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One warp per pixel, VEC channels per lane and load.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void ln_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ mean,
+                                acc_t* __restrict__ rstd, int64_t P, int C, acc_t eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5);
+  if (p >= P) return;  // whole warps leave together
+  const scalar_t* xp = x + p * C;
+  acc_t s = 0;
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    acc_t xv[VEC];
+    load_vec<VEC>(xp + c, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s += xv[k];
+  }
+  const acc_t mu = warp_sum(s) / acc_t(C);
+  acc_t v = 0;
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    acc_t xv[VEC];
+    load_vec<VEC>(xp + c, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v += (xv[k] - mu) * (xv[k] - mu);
+  }
+  v = warp_sum(v) / acc_t(C);
+  if (lane == 0) {
+    mean[p] = mu;
+    rstd[p] = acc_t(1) / sqrt(v + eps);
+  }
+}
+
+// Sums vals[q][k] over threadIdx.y and writes them to out[q * C + channel]: the block's TX * VEC
+// channels are summed by the first VEC rows of threads, consecutive threads on consecutive channels.
+template <typename acc_t, int Q, int VEC>
+__device__ __forceinline__ void block_sum_rows(const acc_t (&vals)[Q][VEC], acc_t* __restrict__ out, int C) {
+  static_assert(VEC <= TY, "the first VEC rows of threads write the sums");
+  __shared__ acc_t sh[TY][TX * VEC];
+  const int c_block = blockIdx.x * TX * VEC;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh[threadIdx.y][threadIdx.x * VEC + k] = vals[q][k];
+    __syncthreads();
+    if (threadIdx.y < VEC) {
+      const int col = threadIdx.y * TX + threadIdx.x;
+      if (c_block + col < C) {
+        acc_t s = 0;
+#pragma unroll
+        for (int t = 0; t < TY; ++t) s += sh[t][col];
+        out[static_cast<int64_t>(q) * C + c_block + col] = s;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// The LN values of column jj, rows i-1, i, i+1, of VEC channels from c; 0 off the map (DW's zero
+// padding applies to the LN output). gc, bc: the LN affine of those channels.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void ln_column(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                                          const acc_t* __restrict__ rstd, int64_t b, int i, int jj, int H,
+                                          int W, int C, int c, const acc_t (&gc)[VEC], const acc_t (&bc)[VEC],
+                                          acc_t (&col)[3][VEC]) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    const int ii = i + r - 1;
+    if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
+      const int64_t p = (b * H + ii) * W + jj;
+      const acc_t mu = mean[p], rs = rstd[p];
+      acc_t xv[VEC];
+      load_vec<VEC>(x + p * C + c, xv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) col[r][k] = (xv[k] - mu) * rs * gc[k] + bc[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) col[r][k] = acc_t(0);
+    }
+  }
+}
+
+// The grad at the DW output of column jj, rows i-1, i, i+1, of VEC channels from c; 0 off the map.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t b, int i, int jj, int H, int W,
+                                          int C, int c, acc_t (&col)[3][VEC]) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    const int ii = i + r - 1;
+    if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
+      load_vec<VEC>(gd + ((b * H + ii) * W + jj) * C + c, col[r]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) col[r][k] = acc_t(0);
+    }
+  }
+}
+
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void shift_window(acc_t (&win)[3][3][VEC]) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      win[0][r][k] = win[1][r][k];
+      win[1][r][k] = win[2][r][k];
+    }
+  }
+}
+
+// Each thread walks a run of `chunk` adjacent columns with a 3x3 window of LN values in registers,
+// computing one new column per output (3 LN evaluations and x loads instead of 9). On the H100
+// (2026-11-27) the version that evaluated all 9 taps per output ran at 65% SM throughput with
+// L1TEX stalls at 57% of issue time, 297 us per call at 8x64x64x768 bf16; the column walk, 214 us.
+// grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                               const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
+                               const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
+                               scalar_t* __restrict__ u_out, acc_t* __restrict__ d_out,
+                               acc_t* __restrict__ rowsum, int H, int W, int C) {
+  const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
+  const int i = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int chunk = (W + TY - 1) / TY;
+  const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
+  acc_t part[1][VEC] = {};
+  if (c < C && j0 < j1) {
+    acc_t w[9][VEC], gc[VEC], bc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+#pragma unroll
+      for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
+      gc[k] = g[c + k];
+      bc[k] = bta[c + k];
+    }
+    acc_t win[3][3][VEC];  // [column j-1, j, j+1][row i-1, i, i+1][channel]
+    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, win[0]);
+    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, win[1]);
+    for (int j = j0; j < j1; ++j) {
+      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, win[2]);
+      acc_t pre[VEC], uv[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc_t acc = 0;
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) acc += win[kx][ky][k] * w[ky * 3 + kx][k];
+        }
+        pre[k] = acc;
+        uv[k] = gelu(acc);
+        part[0][k] += uv[k];
+      }
+      const int64_t o = ((b * H + i) * W + j) * C + c;
+      store_vec<VEC>(u_out + o, uv);
+      if (d_out != nullptr) store_vec<VEC>(d_out + o, pre);
+      shift_window(win);
+    }
+  }
+  if (rowsum != nullptr) block_sum_rows<acc_t, 1, VEC>(part, rowsum + (b * H + i) * C, C);
+}
+
+// Per (image, row) channel sums of a * b. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void chan_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
+                                acc_t* __restrict__ out, int H, int W, int C) {
+  const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
+  const int i = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  acc_t part[1][VEC] = {};
+  if (c < C) {
+    for (int j = threadIdx.y; j < W; j += TY) {
+      const int64_t o = ((b * H + i) * W + j) * C + c;
+      acc_t av[VEC], bv[VEC];
+      load_vec<VEC>(a + o, av);
+      load_vec<VEC>(bb + o, bv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) part[0][k] += av[k] * bv[k];
+    }
+  }
+  block_sum_rows<acc_t, 1, VEC>(part, out + (b * H + i) * C, C);
+}
+
+// In place: d <- (gv * s[b] + gp[b] / HW) * gelu'(d), VEC elements (one pixel's channels) per step.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, acc_t* __restrict__ d,
+                                const acc_t* __restrict__ s, const acc_t* __restrict__ gp, int64_t total,
+                                int64_t HWC, int C, acc_t inv_hw) {
+  const int64_t groups = total / VEC;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = gi * VEC;
+    const int64_t bc = (idx / HWC) * C + idx % C;
+    acc_t gvv[VEC], dv[VEC];
+    load_vec<VEC>(gv + idx, gvv);
+    load_vec<VEC>(d + idx, dv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dv[k] = (gvv[k] * s[bc + k] + gp[bc + k] * inv_hw) * gelu_grad(dv[k]);
+    store_vec<VEC>(d + idx, dv);
+  }
+}
+
+// Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
+// grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void dw_backward_kernel(const acc_t* __restrict__ gd, const scalar_t* __restrict__ x,
+                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                   const acc_t* __restrict__ g, const acc_t* __restrict__ bta,
+                                   const acc_t* __restrict__ wt, acc_t* __restrict__ gn_out,
+                                   acc_t* __restrict__ partials, int H, int W, int C) {
+  const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
+  const int i = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const int chunk = (W + TY - 1) / TY;
+  const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
+  acc_t part[11][VEC] = {};
+  if (c < C && j0 < j1) {
+    acc_t w[9][VEC], gc[VEC], bc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+#pragma unroll
+      for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
+      gc[k] = g[c + k];
+      bc[k] = bta[c + k];
+    }
+    // The same column walk as dw_gelu_kernel, with two windows: the grad at the DW output (gd) and
+    // the LN values, [column j-1, j, j+1][row i-1, i, i+1][channel]. Before the walk: 721 us per call
+    // at 8x64x64x768 bf16 on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel; after, 343.
+    acc_t gwin[3][3][VEC], lwin[3][3][VEC];
+    gd_column(gd, b, i, j0 - 1, H, W, C, c, gwin[0]);
+    gd_column(gd, b, i, j0, H, W, C, c, gwin[1]);
+    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
+    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, lwin[1]);
+    for (int j = j0; j < j1; ++j) {
+      gd_column(gd, b, i, j + 1, H, W, C, c, gwin[2]);
+      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, lwin[2]);
+      const int64_t p = (b * H + i) * W + j;
+      const acc_t mu = mean[p], rs = rstd[p];
+      acc_t xv[VEC], gn[VEC];
+      load_vec<VEC>(x + p * C + c, xv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t gdo = gwin[1][1][k];
+        acc_t s = 0;
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) {
+            // output (i - ky + 1, j - kx + 1) read this pixel through tap (ky, kx)
+            s += gwin[2 - kx][2 - ky][k] * w[ky * 3 + kx][k];
+            // this output read (i + ky - 1, j + kx - 1) through tap (ky, kx)
+            part[ky * 3 + kx][k] += gdo * lwin[kx][ky][k];
+          }
+        }
+        const acc_t xh = (xv[k] - mu) * rs;
+        part[9][k] += s * xh;
+        part[10][k] += s;
+        gn[k] = s;
+      }
+      store_vec<VEC>(gn_out + p * C + c, gn);
+      shift_window(gwin);
+      shift_window(lwin);
+    }
+  }
+  block_sum_rows<acc_t, 11, VEC>(part, partials + (b * H + i) * 11 * C, C);
+}
+
+// One warp per pixel, VEC channels per lane and load: gx = gy + rstd * (gn*g - mean(gn*g) - xhat *
+// mean(gn*g*xhat)).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ gy, const acc_t* __restrict__ mean,
+                                   const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
+                                   scalar_t* __restrict__ gx, int64_t P, int C) {
+  const int lane = threadIdx.x & 31;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5);
+  if (p >= P) return;
+  const acc_t mu = mean[p], rs = rstd[p];
+  const int64_t base = p * C;
+  acc_t s1 = 0, s2 = 0;
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    acc_t gnv[VEC], xv[VEC];
+    load_vec<VEC>(gn + base + c, gnv);
+    load_vec<VEC>(x + base + c, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t gxh = gnv[k] * g[c + k];
+      s1 += gxh;
+      s2 += gxh * (xv[k] - mu) * rs;
+    }
+  }
+  s1 = warp_sum(s1) / acc_t(C);
+  s2 = warp_sum(s2) / acc_t(C);
+  for (int c = lane * VEC; c < C; c += 32 * VEC) {
+    acc_t gnv[VEC], xv[VEC], gyv[VEC], out[VEC];
+    load_vec<VEC>(gn + base + c, gnv);
+    load_vec<VEC>(x + base + c, xv);
+    load_vec<VEC>(gy + base + c, gyv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t xh = (xv[k] - mu) * rs;
+      out[k] = gyv[k] + rs * (gnv[k] * g[c + k] - s1 - xh * s2);
+    }
+    store_vec<VEC>(gx + base + c, out);
+  }
+}
+
+}  // namespace ca
+}  // namespace dbsam
