@@ -42,19 +42,21 @@ TORCH_LIBRARY(dbsam, m) {
   // dw_weight [C, 1, 3, 3]; fc1_weight [R, C, 1, 1]; fc2_weight [C, R, 1, 1]; pw_weight [C, C, 1, 1];
   // weights in x's dtype, or float32 when x is float16/bfloat16. branch_scale: optional [B] float32
   // (float64 for a float64 x) per-sample factor on the branch (drop-path: keep/(1-p)), folded into
-  // the 1x1 weight with the SE gate, so it costs nothing; no gradient. Returns (y, mean, rstd, pooled):
-  // y in x's dtype; LN mean/rstd [B, H, W] and the SE input pooled [B, C] in float32 (float64 for
-  // a float64 x), saved for the backward, which recomputes LN/DW instead of storing them.
+  // the 1x1 weight with the SE gate, so it costs nothing; no gradient. Returns (y, mean, rstd, pooled,
+  // pre): y in x's dtype; LN mean/rstd [B, H, W] and the SE input pooled [B, C] in float32 (float64
+  // for a float64 x); pre [B, H, W, C], the DW output before its GELU, in x's dtype. mean, rstd,
+  // pooled and pre are saved for the backward, which recomputes the LN from x but not the DW conv
+  // (pre costs one [B,H,W,C] map in x's dtype, a quarter of what eager PyTorch saves).
   m.def(
       "channel_attention_forward(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor dw_weight, "
       "Tensor fc1_weight, Tensor fc2_weight, Tensor pw_weight, Tensor? branch_scale, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_ln_weight, grad_ln_bias, grad_dw, grad_fc1, grad_fc2, grad_pw), each in
   // its input's dtype.
   m.def(
       "channel_attention_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor ln_bias, "
       "Tensor dw_weight, Tensor fc1_weight, Tensor fc2_weight, Tensor pw_weight, "
-      "Tensor? branch_scale, Tensor mean, Tensor rstd, Tensor pooled, float eps) "
+      "Tensor? branch_scale, Tensor mean, Tensor rstd, Tensor pooled, Tensor pre, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // --- end channel_attention ---
 }

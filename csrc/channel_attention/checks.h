@@ -74,7 +74,11 @@ inline void check_scale(const Dims& d, const at::Tensor& x, const c10::optional<
 }
 
 inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tensor& x,
-                        const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pooled) {
+                        const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pooled,
+                        const at::Tensor& pre) {
+  DBSAM_CHECK_VALUE(pre.sizes() == x.sizes(), "channel_attention_backward: pre must be ", x.sizes(), ", got ",
+                    pre.sizes());
+  DBSAM_CHECK_TYPE(pre.scalar_type() == x.scalar_type(), "channel_attention_backward: pre must have x's dtype");
   DBSAM_CHECK_VALUE(grad_y.sizes() == x.sizes(), "channel_attention_backward: grad_y must be ",
                     x.sizes(), ", got ", grad_y.sizes());
   DBSAM_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
@@ -87,7 +91,7 @@ inline void check_saved(const Dims& d, const at::Tensor& grad_y, const at::Tenso
   for (const at::Tensor* t : {&mean, &rstd, &pooled}) {
     DBSAM_CHECK_TYPE(t->scalar_type() == st, "channel_attention_backward: saved statistics must be ", st);
   }
-  for (const at::Tensor* t : {&grad_y, &mean, &rstd, &pooled}) {
+  for (const at::Tensor* t : {&grad_y, &mean, &rstd, &pooled, &pre}) {
     DBSAM_CHECK_VALUE(t->device() == x.device(), "channel_attention_backward: all tensors must be on ",
                       x.device());
   }

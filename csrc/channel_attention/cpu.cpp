@@ -4,12 +4,12 @@
 // eager composition, in the op-math type (float for float32/float16/bfloat16, double for float64;
 // a low-precision x is widened once and the result rounded once):
 //   forward : native_layer_norm (stats kept for the backward); the depthwise 3x3 as a grouped conv on
-//             the channels-last memory (no permute copies); GELU in place; channel means; the SE MLP on
+//             the channels-last memory (no permute copies), kept for the backward; GELU; channel means; the SE MLP on
 //             [B, C]; the 1x1 conv as one batched GEMM with the SE gate and the drop-path factor folded
 //             into the weight per image and the residual x as the GEMM's addend (at::baddbmm): no
 //             gated copy of the activations, no separate residual pass.
-//   backward: recomputes LN and the depthwise conv (only x and the [B,H,W] / [B,C] statistics are
-//             saved); grad_pw as one GEMM per image scaled by the gate; grad at the gated activations
+//   backward: recomputes the LN from x and its saved statistics, and GELU from the saved DW output
+//             (pre, in x's dtype); grad_pw as one GEMM per image scaled by the gate; grad at the gated activations
 //             as one GEMM; the SE backward on [B, C]; the GELU backward with the gate and the pooled-mean
 //             gradient fused into its input; convolution_backward for the depthwise conv;
 //             native_layer_norm_backward; the residual gradient added in place.
@@ -32,25 +32,7 @@ namespace {
 at::Tensor nchw(const at::Tensor& t) { return t.permute({0, 3, 1, 2}); }  // [B,H,W,C] -> channels_last NCHW view
 at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}); }
 
-struct Front {
-  at::Tensor n, mean, rstd, dpre, u;  // n, dpre, u: [B, H, W, C] contiguous; mean/rstd [B, H, W, 1]
-};
-
-Front front(const Dims& d, const at::Tensor& xa, const Weights& w, const at::Tensor& dw4, double eps,
-            bool keep_pre) {
-  Front f;
-  std::tie(f.n, f.mean, f.rstd) = at::native_layer_norm(xa, {d.C}, w.g, w.b, eps);
-  auto pre = nhwc(at::conv2d(nchw(f.n), dw4, {}, 1, 1, 1, d.C)).contiguous();
-  if (keep_pre) {
-    f.dpre = pre;
-    f.u = at::gelu(pre);
-  } else {
-    f.u = at::gelu_(pre);
-  }
-  return f;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
     const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
@@ -61,16 +43,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   auto xa = x.to(acc).contiguous();
   const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   const int64_t HW = d.H * d.W;
-  Front f = front(d, xa, w, dw_weight.to(acc), eps, false);
-  f.n.reset();
-  auto u3 = f.u.view({d.B, HW, d.C});
+  at::Tensor n, mean, rstd;
+  std::tie(n, mean, rstd) = at::native_layer_norm(xa, {d.C}, w.g, w.b, eps);
+  auto pre = nhwc(at::conv2d(nchw(n), dw_weight.to(acc), {}, 1, 1, 1, d.C)).contiguous();
+  n.reset();
+  auto u3 = at::gelu(pre).view({d.B, HW, d.C});
+  auto pre_saved = pre.to(x.scalar_type());  // pre itself for float32/float64
   auto pooled = u3.mean(1);  // [B, C]
   auto s = at::sigmoid(at::mm(at::gelu(at::mm(pooled, w.w1.t())), w.w2.t()));  // [B, C]
   if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
   // Fold the gate (and drop-path) into the 1x1 weight per image: y_b = x_b + u_b @ (Wp * s_b)^T.
   auto wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).transpose(1, 2);  // [B, Cin, Cout]
   auto y = at::baddbmm(xa.view({d.B, HW, d.C}), u3, wf).view(x.sizes());
-  return {y.to(x.scalar_type()), f.mean.view({d.B, d.H, d.W}), f.rstd.view({d.B, d.H, d.W}), pooled};
+  return {y.to(x.scalar_type()), mean.view({d.B, d.H, d.W}), rstd.view({d.B, d.H, d.W}), pooled, pre_saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -78,19 +63,22 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
              const at::Tensor& ln_bias, const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
              const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
              const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
-             const at::Tensor& rstd, const at::Tensor& pooled, double eps) {
+             const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
-  check_saved(d, grad_y, x, mean, rstd, pooled);
+  check_saved(d, grad_y, x, mean, rstd, pooled, pre);
   const auto acc = at::toOpMathType(x.scalar_type());
   auto xa = x.to(acc).contiguous();
   auto gya = grad_y.to(acc).contiguous();
   const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   const int64_t HW = d.H * d.W;
   auto dw4 = dw_weight.to(acc);
-  // Recompute LN (its statistics equal the saved ones: same kernel, same input) and the DW output.
-  Front f = front(d, xa, w, dw4, eps, true);
+  // Recompute the LN output (its statistics equal the saved ones: same kernel, same input); the DW
+  // output is saved.
+  auto n = std::get<0>(at::native_layer_norm(xa, {d.C}, w.g, w.b, eps));
+  auto pre_a = pre.to(acc).contiguous();
+  auto u = at::gelu(pre_a);
   auto mean4 = mean.reshape({d.B, d.H, d.W, 1});
   auto rstd4 = rstd.reshape({d.B, d.H, d.W, 1});
   // SE, recomputed from the saved pooled means.
@@ -100,7 +88,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   // With drop-path the effective gate is s * scale: grad_s picks up the scale once.
   auto s_eff = branch_scale.has_value() ? s * branch_scale->unsqueeze(1) : s;
   auto gy3 = gya.view({d.B, HW, d.C});
-  auto u3 = f.u.view({d.B, HW, d.C});
+  auto u3 = u.view({d.B, HW, d.C});
   // grad_pw[o, c] = sum_b s[b, c] * (gy_b^T u_b)[o, c]
   auto gpw = at::bmm(gy3.transpose(1, 2), u3).mul_(s_eff.unsqueeze(1)).sum(0);
   auto gv = at::matmul(gy3, w.wp);  // [B, HW, Cin]: grad at the gated activations
@@ -113,11 +101,11 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   auto gp = at::mm(ga, w.w1);  // [B, C]: grad at the pooled means
   // grad at the DW output: (gv * s + gp / HW) * gelu'(pre)
   gv.mul_(s_eff.unsqueeze(1)).add_(gp.unsqueeze(1), 1.0 / static_cast<double>(HW));
-  auto gd = at::gelu_backward(gv.view({d.B, d.H, d.W, d.C}), f.dpre);
-  f.u.reset();
+  auto gd = at::gelu_backward(gv.view({d.B, d.H, d.W, d.C}), pre_a);
+  u.reset();
   at::Tensor gn4, gdw, unused;
   std::tie(gn4, gdw, unused) = at::convolution_backward(
-      nchw(gd), nchw(f.n), dw4, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, d.C,
+      nchw(gd), nchw(n), dw4, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, d.C,
       {true, true, false});
   auto gn = nhwc(gn4).contiguous();
   at::Tensor gx, gg, gb;

@@ -1,21 +1,25 @@
 // CUDA kernels of the channel-attention adapter y = x + PW1x1(SE(GELU(DW3x3(LN(x))))), channels-last.
 //
-// Forward (x read twice, u written once, then one GEMM):
+// Forward (x read twice, u and pre written once, then one GEMM):
 //   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double).
 //   dw_gelu       one block per (32 * VEC channels, image row, image); the LN is applied on the fly
 //                 to a 3x3 window walked along the row (3 LN evaluations per output), DW3x3 + GELU, u
-//                 written in x's dtype and the row's channel sums reduced in shared memory into
-//                 rowsum[B, H, C] (deterministic: no atomics; the H-sum is one tiny ATen reduction).
+//                 and the pre-activation pre written in x's dtype (pre is saved for the backward) and
+//                 the row's channel sums reduced in shared memory into rowsum[B, H, C]
+//                 (deterministic: no atomics; the H-sum is one tiny ATen reduction).
 //   se_gate       one block per image: pooled means from the row sums, the SE MLP (one warp per
 //                 hidden unit / channel, coalesced weight rows), the gate times the drop-path factor.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
 //   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) on wf^T (a view) with the residual x as the
 //                 GEMM's addend.
-// Backward (recomputes LN/DW from x and the saved statistics; nothing [B,H,W,C] is saved):
-//   dw_gelu (again, writing the pre-activation in fp32), two GEMMs (grad_pw, grad at the gated
-//   activations), chan_dot (per-channel sums of grad*u, for the SE backward), the SE backward in ATen,
-//   grad_pre (GELU derivative + pooled-mean gradient, in place), dw_backward (transposed DW, grad_dw
-//   and LN-affine partial sums per block, deterministic), ln_backward (one warp per pixel, + residual).
+// Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
+//   gated_act (v = GELU(pre) * gate), two GEMMs (grad_pw from v, gv = grad at the gated
+//   activations), chan_dot_gelu (per-channel sums of gv * GELU(pre), for the SE backward), the SE
+//   backward in ATen, dw_backward (the grad at pre formed on the fly from gv, pre, the gate and the
+//   pooled-mean gradient; transposed DW; grad_dw and LN-affine partial sums per block, deterministic),
+//   ln_backward (one warp per pixel, + residual). Until 2026-11-27 the backward recomputed the DW conv
+//   (214 us at 8x64x64x768 bf16 on the H100) and wrote/read an fp32 grad map in a separate pass
+//   (145 us); saving pre costs one [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
 //
 // The [B,H,W,C] kernels are in kernels.cuh (CPU-tested under tests/cpp/cuda_emulation.h), templated
 // on VEC channels per thread (pick_vec, DBSAM_CA_VEC). Current stream, device guard, 64-bit offsets
@@ -163,7 +167,7 @@ void with_vec(int vec, F&& f) {
 
 unsigned warp_blocks(int64_t P) { return static_cast<unsigned>((P + WARPS - 1) / WARPS); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
     const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
@@ -180,11 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   auto mean = at::empty({d.B, d.H, d.W}, aopts);
   auto rstd = at::empty({d.B, d.H, d.W}, aopts);
   auto u = at::empty_like(xc);
+  auto pre = at::empty_like(xc);
   auto rowsum = at::empty({d.B, d.H, d.C}, aopts);
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
   if (P > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
-    const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr()});
+    const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       with_vec<scalar_t>(vec, [&](auto V) {
@@ -195,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
             xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(),
-            w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(), nullptr,
+            w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
             rowsum.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.W), static_cast<int>(d.C));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -238,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
   // y_b = x_b + u_b @ (Wp * gate_b)^T, residual as the GEMM's addend.
   auto y = at::baddbmm(xc.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf.transpose(1, 2)).view(x.sizes());
-  return {y, mean, rstd, pooled};
+  return {y, mean, rstd, pooled, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -246,62 +251,61 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
               const at::Tensor& ln_bias, const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
               const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
               const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
-              const at::Tensor& rstd, const at::Tensor& pooled, double eps) {
+              const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
-  check_saved(d, grad_y, x, mean, rstd, pooled);
+  check_saved(d, grad_y, x, mean, rstd, pooled, pre);
   check_cuda_dims(d, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto st = x.scalar_type();
   const auto acc = at::toOpMathType(st);
   auto xc = x.contiguous();
   auto gyc = grad_y.contiguous();
+  auto prec = pre.contiguous();
   auto mean_c = mean.contiguous();
   auto rstd_c = rstd.contiguous();
   auto pooled_c = pooled.contiguous();
   const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   auto aopts = xc.options().dtype(acc);
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
-  auto u = at::empty_like(xc);
-  auto dpre = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
-  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), u.data_ptr()});
-  if (P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(vec, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
-            w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(),
-            dpre.data_ptr<acc_t>(), nullptr, H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
+  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), prec.data_ptr()});
   // SE, recomputed from the saved pooled means.
   auto a = at::mm(pooled_c, w.w1.t());
   auto h = at::gelu(a);
   auto s = at::sigmoid(at::mm(h, w.w2.t()));
   auto s_eff = branch_scale.has_value() ? s * branch_scale->unsqueeze(1) : s;
+  auto s_c = s_eff.contiguous();
+  // grad_pw = gy^T v over all pixels, v = GELU(pre) * s_eff: one GEMM with fp32 accumulation.
+  auto v = at::empty_like(xc);
+  if (P > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      with_vec<scalar_t>(vec, [&](auto V) {
+        constexpr int VEC = decltype(V)::value;
+        const int64_t total = P * d.C;
+        gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(total / VEC, 256), 256, 0, stream>>>(
+            prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), total, HW * d.C, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
   auto gy2 = gyc.view({P, d.C});
-  auto u3 = u.view({d.B, HW, d.C});
-  // grad_pw = gy^T (u * s_eff) over all pixels: one GEMM with fp32 accumulation.
-  auto v = (u3 * s_eff.unsqueeze(1).to(st)).view({P, d.C});
-  auto gpw = at::mm(gy2.t(), v);
+  auto gpw = at::mm(gy2.t(), v.view({P, d.C}));
+  v.reset();
   auto gv = at::mm(gy2, w.wp.to(st));  // [P, Cin]: grad at the gated activations
-  auto rowdot = at::empty({d.B, d.H, d.C}, aopts);
   // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
   const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
+  auto rowdot = at::empty({d.B, d.H, d.C}, aopts);
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       with_vec<scalar_t>(vec_gv, [&](auto V) {
         constexpr int VEC = decltype(V)::value;
-        chan_dot_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            gv.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), rowdot.data_ptr<acc_t>(), H, W, C);
+        chan_dot_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), rowdot.data_ptr<acc_t>(), H, W, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -315,7 +319,6 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto ga = at::gelu_backward(at::mm(gz, w.w2), a);
   auto gw1 = at::mm(ga.t(), pooled_c);
   auto gp = at::mm(ga, w.w1).contiguous();
-  auto s_c = s_eff.contiguous();
   auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
   auto gx = at::empty_like(xc);
@@ -324,22 +327,15 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
       using acc_t = at::opmath_type<scalar_t>;
       with_vec<scalar_t>(vec_gv, [&](auto V) {
         constexpr int VEC = decltype(V)::value;
-        const int64_t total = P * d.C;
-        const int threads = 256;
-        const int64_t want = (total / VEC + threads - 1) / threads;
-        const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535 * 8));
-        grad_pre_kernel<scalar_t, acc_t, VEC><<<blocks, threads, 0, stream>>>(
-            gv.data_ptr<scalar_t>(), dpre.data_ptr<acc_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
-            total, HW * d.C, C, acc_t(1) / acc_t(HW));
+        dw_backward_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
+            acc_t(1) / acc_t(HW), xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
+            w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), gn.data_ptr<acc_t>(),
+            partials.data_ptr<acc_t>(), H, W, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       with_vec<scalar_t>(vec, [&](auto V) {
         constexpr int VEC = decltype(V)::value;
-        dw_backward_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            dpre.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
-            rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(),
-            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
             gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
             rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), gx.data_ptr<scalar_t>(), P, C);

@@ -130,15 +130,24 @@ __device__ __forceinline__ void ln_column(const scalar_t* __restrict__ x, const 
   }
 }
 
-// The grad at the DW output of column jj, rows i-1, i, i+1, of VEC channels from c; 0 off the map.
-template <typename acc_t, int VEC>
-__device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t b, int i, int jj, int H, int W,
-                                          int C, int c, acc_t (&col)[3][VEC]) {
+// The grad at the DW output (before GELU) of column jj, rows i-1, i, i+1, of VEC channels from c,
+// computed where it is read: (gv * s + gp / HW) * GELU'(pre), with sb = s[b, c..], gpb = gp[b, c..] /
+// HW. 0 off the map. (This is where the backward's separate grad_pre pass, and the fp32 map it wrote
+// and the transposed DW read back, went.)
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void grad_pre_column(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                                const acc_t (&sb)[VEC], const acc_t (&gpb)[VEC], int64_t b, int i,
+                                                int jj, int H, int W, int C, int c, acc_t (&col)[3][VEC]) {
 #pragma unroll
   for (int r = 0; r < 3; ++r) {
     const int ii = i + r - 1;
     if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
-      load_vec<VEC>(gd + ((b * H + ii) * W + jj) * C + c, col[r]);
+      const int64_t o = ((b * H + ii) * W + jj) * C + c;
+      acc_t gvv[VEC], pv[VEC];
+      load_vec<VEC>(gv + o, gvv);
+      load_vec<VEC>(pre + o, pv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) col[r][k] = (gvv[k] * sb[k] + gpb[k]) * gelu_grad(pv[k]);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) col[r][k] = acc_t(0);
@@ -158,8 +167,10 @@ __device__ __forceinline__ void shift_window(acc_t (&win)[3][3][VEC]) {
   }
 }
 
-// Each thread walks a run of `chunk` adjacent columns with a 3x3 window of LN values in registers,
-// computing one new column per output (3 LN evaluations and x loads instead of 9). On the H100
+// Forward: u = GELU(DW3x3(LN(x))) and pre = DW3x3(LN(x)) (saved for the backward), both in x's dtype,
+// and the row's channel sums of u. Each thread walks a run of `chunk` adjacent columns with a 3x3
+// window of LN values in registers, computing one new column per output (3 LN evaluations and x loads
+// instead of 9). On the H100
 // (2026-11-27) the version that evaluated all 9 taps per output ran at 65% SM throughput with
 // L1TEX stalls at 57% of issue time, 297 us per call at 8x64x64x768 bf16; the column walk, 214 us.
 // grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
@@ -167,7 +178,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
                                const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
                                const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
-                               scalar_t* __restrict__ u_out, acc_t* __restrict__ d_out,
+                               scalar_t* __restrict__ u_out, scalar_t* __restrict__ pre_out,
                                acc_t* __restrict__ rowsum, int H, int W, int C) {
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i = blockIdx.y;
@@ -204,17 +215,18 @@ __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __re
       }
       const int64_t o = ((b * H + i) * W + j) * C + c;
       store_vec<VEC>(u_out + o, uv);
-      if (d_out != nullptr) store_vec<VEC>(d_out + o, pre);
+      if (pre_out != nullptr) store_vec<VEC>(pre_out + o, pre);
       shift_window(win);
     }
   }
   if (rowsum != nullptr) block_sum_rows<acc_t, 1, VEC>(part, rowsum + (b * H + i) * C, C);
 }
 
-// Per (image, row) channel sums of a * b. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+// Per (image, row) channel sums of gv * GELU(pre): the SE gate's gradient, with u = GELU(pre)
+// recomputed from the saved pre-activation. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void chan_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ bb,
-                                acc_t* __restrict__ out, int H, int W, int C) {
+__global__ void chan_dot_gelu_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                     acc_t* __restrict__ out, int H, int W, int C) {
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -222,43 +234,47 @@ __global__ void chan_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* 
   if (c < C) {
     for (int j = threadIdx.y; j < W; j += TY) {
       const int64_t o = ((b * H + i) * W + j) * C + c;
-      acc_t av[VEC], bv[VEC];
-      load_vec<VEC>(a + o, av);
-      load_vec<VEC>(bb + o, bv);
+      acc_t av[VEC], pv[VEC];
+      load_vec<VEC>(gv + o, av);
+      load_vec<VEC>(pre + o, pv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) part[0][k] += av[k] * bv[k];
+      for (int k = 0; k < VEC; ++k) part[0][k] += av[k] * gelu(pv[k]);
     }
   }
   block_sum_rows<acc_t, 1, VEC>(part, out + (b * H + i) * C, C);
 }
 
-// In place: d <- (gv * s[b] + gp[b] / HW) * gelu'(d), VEC elements (one pixel's channels) per step.
+// v = GELU(pre) * s[b] in x's dtype: the gated activations the grad_pw GEMM reads, from the saved
+// pre-activation (one pass instead of the DW recompute and a separate gating multiply).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, acc_t* __restrict__ d,
-                                const acc_t* __restrict__ s, const acc_t* __restrict__ gp, int64_t total,
-                                int64_t HWC, int C, acc_t inv_hw) {
+__global__ void gated_act_kernel(const scalar_t* __restrict__ pre, const acc_t* __restrict__ s,
+                                 scalar_t* __restrict__ v, int64_t total, int64_t HWC, int C) {
   const int64_t groups = total / VEC;
   for (int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups;
        gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t idx = gi * VEC;
     const int64_t bc = (idx / HWC) * C + idx % C;
-    acc_t gvv[VEC], dv[VEC];
-    load_vec<VEC>(gv + idx, gvv);
-    load_vec<VEC>(d + idx, dv);
+    acc_t pv[VEC], out[VEC];
+    load_vec<VEC>(pre + idx, pv);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) dv[k] = (gvv[k] * s[bc + k] + gp[bc + k] * inv_hw) * gelu_grad(dv[k]);
-    store_vec<VEC>(d + idx, dv);
+    for (int k = 0; k < VEC; ++k) out[k] = gelu(pv[k]) * s[bc + k];
+    store_vec<VEC>(v + idx, out);
   }
 }
 
 // Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
-// grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+// grad_ln_weight, grad_ln_bias, from gv (the grad at the gated activations), the saved pre, the gate
+// s [B, C] and gp [B, C] (the grad at the pooled means): the grad at the DW output is formed on the
+// fly (grad_pre_column). grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+// Two blocks per SM up to VEC = 2 (ptxas sm_90 wanted 143 registers at VEC = 2, which leaves one
+// 256-thread block per SM: 8 warps to hide the window loads); VEC = 4 keeps its ~216 unconstrained.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void dw_backward_kernel(const acc_t* __restrict__ gd, const scalar_t* __restrict__ x,
-                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                                   const acc_t* __restrict__ g, const acc_t* __restrict__ bta,
-                                   const acc_t* __restrict__ wt, acc_t* __restrict__ gn_out,
-                                   acc_t* __restrict__ partials, int H, int W, int C) {
+__global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                   const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw,
+                                   const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                                   const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
+                                   const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
+                                   acc_t* __restrict__ gn_out, acc_t* __restrict__ partials, int H, int W, int C) {
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -266,24 +282,26 @@ __global__ void dw_backward_kernel(const acc_t* __restrict__ gd, const scalar_t*
   const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
   acc_t part[11][VEC] = {};
   if (c < C && j0 < j1) {
-    acc_t w[9][VEC], gc[VEC], bc[VEC];
+    acc_t w[9][VEC], gc[VEC], bc[VEC], sb[VEC], gpb[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
 #pragma unroll
       for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
       gc[k] = g[c + k];
       bc[k] = bta[c + k];
+      sb[k] = s[b * C + c + k];
+      gpb[k] = gp[b * C + c + k] * inv_hw;
     }
     // The same column walk as dw_gelu_kernel, with two windows: the grad at the DW output (gd) and
     // the LN values, [column j-1, j, j+1][row i-1, i, i+1][channel]. Before the walk: 721 us per call
     // at 8x64x64x768 bf16 on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel; after, 343.
     acc_t gwin[3][3][VEC], lwin[3][3][VEC];
-    gd_column(gd, b, i, j0 - 1, H, W, C, c, gwin[0]);
-    gd_column(gd, b, i, j0, H, W, C, c, gwin[1]);
+    grad_pre_column(gv, pre, sb, gpb, b, i, j0 - 1, H, W, C, c, gwin[0]);
+    grad_pre_column(gv, pre, sb, gpb, b, i, j0, H, W, C, c, gwin[1]);
     ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
     ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, lwin[1]);
     for (int j = j0; j < j1; ++j) {
-      gd_column(gd, b, i, j + 1, H, W, C, c, gwin[2]);
+      grad_pre_column(gv, pre, sb, gpb, b, i, j + 1, H, W, C, c, gwin[2]);
       ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, lwin[2]);
       const int64_t p = (b * H + i) * W + j;
       const acc_t mu = mean[p], rs = rstd[p];

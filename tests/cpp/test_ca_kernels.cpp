@@ -94,49 +94,54 @@ static void run_case(int B, int H, int W, int C) {
   expect_close("ln_stats mean", mean, mu, tol, tag);
   expect_close("ln_stats rstd", rstd, rs, tol, tag);
 
-  // --- dw_gelu (forward: u + row sums; backward's recompute: u + pre-activation) ----------------------------
+  // --- dw_gelu: u, the saved pre-activation, row sums (and without the optional outputs) ---------------------
   const dim3 tiles(unsigned((C + TX * VEC - 1) / (TX * VEC)), unsigned(H), unsigned(B));
-  std::vector<T> u_k(N), d_k(N), rowsum_k(int64_t(B) * H * C);
+  std::vector<T> u_k(N), pre_k(N), rowsum_k(int64_t(B) * H * C);
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), nullptr,
-                              rowsum_k.data(), H, W, C);
+    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
+                              pre_k.data(), rowsum_k.data(), H, W, C);
   });
   expect_close("dw_gelu u", u_k, u, tol, tag);
+  expect_close("dw_gelu pre", pre_k, pre, tol, tag);
   expect_close("dw_gelu rowsum", rowsum_k, rowsum, tol, tag);
   std::fill(u_k.begin(), u_k.end(), T(-7));
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), d_k.data(),
+    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), nullptr,
                               nullptr, H, W, C);
   });
-  expect_close("dw_gelu u (backward)", u_k, u, tol, tag);
-  expect_close("dw_gelu pre-activation", d_k, pre, tol, tag);
+  expect_close("dw_gelu u (u only)", u_k, u, tol, tag);
 
-  // --- chan_dot --------------------------------------------------------------------------------------------
+  // --- gated_act: v = GELU(pre) * s[b] (grid-stride: 3 blocks at most) --------------------------------------
+  std::vector<T> s = randv(int64_t(B) * C, 0.5, 0.2), gp = randv(int64_t(B) * C), v_k(N);
+  const int64_t HWC = int64_t(H) * W * C;
+  std::vector<double> v(N);
+  for (int64_t k = 0; k < N; ++k) v[k] = gelu_d(double(pre_k[k])) * s[(k / HWC) * C + k % C];
+  const int64_t groups = N / VEC;
+  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128),
+                   [&] { gated_act_kernel<T, T, VEC>(pre_k.data(), s.data(), v_k.data(), N, HWC, C); });
+  expect_close("gated_act", v_k, v, tol, tag);
+
+  // --- chan_dot_gelu: per (image, row) sums of gv * GELU(pre) ------------------------------------------------
   std::vector<T> gv = randv(N), rowdot_k(int64_t(B) * H * C);
   std::vector<double> rowdot(int64_t(B) * H * C, 0.0);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < H; ++i)
       for (int j = 0; j < W; ++j)
-        for (int c = 0; c < C; ++c) rowdot[(int64_t(b) * H + i) * C + c] += double(gv[at(b, i, j) * C + c]) * double(u_k[at(b, i, j) * C + c]);
-  cuda_emu::launch(tiles, dim3(TX, TY), [&] { chan_dot_kernel<T, T, VEC>(gv.data(), u_k.data(), rowdot_k.data(), H, W, C); });
-  expect_close("chan_dot", rowdot_k, rowdot, tol, tag);
+        for (int c = 0; c < C; ++c)
+          rowdot[(int64_t(b) * H + i) * C + c] += double(gv[at(b, i, j) * C + c]) * gelu_d(double(pre_k[at(b, i, j) * C + c]));
+  cuda_emu::launch(tiles, dim3(TX, TY),
+                   [&] { chan_dot_gelu_kernel<T, T, VEC>(gv.data(), pre_k.data(), rowdot_k.data(), H, W, C); });
+  expect_close("chan_dot_gelu", rowdot_k, rowdot, tol, tag);
 
-  // --- grad_pre (in place on the pre-activation) -------------------------------------------------------------
-  std::vector<T> s = randv(int64_t(B) * C, 0.5, 0.2), gp = randv(int64_t(B) * C);
+  // --- dw_backward: the grad at pre formed on the fly, transposed DW, per-block partials of grad_dw /
+  //     grad_ln_weight / grad_ln_bias ----------------------------------------------------------------------
   const double inv_hw = 1.0 / (H * W);
-  std::vector<double> dpre(N);
+  std::vector<double> gd(N);
   for (int64_t k = 0; k < N; ++k) {
-    const int64_t bc = (k / (int64_t(H) * W * C)) * C + k % C;
-    dpre[k] = (double(gv[k]) * s[bc] + double(gp[bc]) * inv_hw) * gelu_grad_d(double(d_k[k]));
+    const int64_t bc = (k / HWC) * C + k % C;
+    gd[k] = (double(gv[k]) * s[bc] + double(gp[bc]) * inv_hw) * gelu_grad_d(double(pre_k[k]));
   }
-  const int64_t groups = N / VEC;
-  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128), [&] {  // grid-stride: 3 blocks at most
-    grad_pre_kernel<T, T, VEC>(gv.data(), d_k.data(), s.data(), gp.data(), N, int64_t(H) * W * C, C, T(inv_hw));
-  });
-  expect_close("grad_pre", d_k, dpre, tol, tag);
-
-  // --- dw_backward: transposed DW, per-block partials of grad_dw / grad_ln_weight / grad_ln_bias -----------
-  std::vector<T> gd = randv(N), gn_k(N), partials(int64_t(B) * H * 11 * C);
+  std::vector<T> gn_k(N), partials(int64_t(B) * H * 11 * C);
   std::vector<double> gn(N, 0.0), gdw(9 * C, 0.0), gg(C, 0.0), gb(C, 0.0);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < H; ++i)
@@ -156,8 +161,8 @@ static void run_case(int B, int H, int W, int C) {
       gb[c] += gn[p * C + c];
     }
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_backward_kernel<T, T, VEC>(gd.data(), x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(),
-                                  gn_k.data(), partials.data(), H, W, C);
+    dw_backward_kernel<T, T, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), T(inv_hw), x.data(), mean.data(),
+                                  rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(), partials.data(), H, W, C);
   });
   expect_close("dw_backward gn", gn_k, gn, tol, tag);
   std::vector<T> red(11 * C, T(0));

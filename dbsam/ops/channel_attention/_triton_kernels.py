@@ -62,7 +62,7 @@ def dw_gelu_kernel(X, MEAN, RSTD, G, BETA, WT, U, D, ROWPART, H, W, C, NWB,
     offs = ((b * H + i).to(tl.int64) * W + js)[:, None] * C + cs[None, :]
     tl.store(U + offs, u.to(U.dtype.element_ty), mask=om)
     if WRITE_D:
-        tl.store(D + offs, acc, mask=om)
+        tl.store(D + offs, acc.to(D.dtype.element_ty), mask=om)
     if WRITE_SUM:
         s = tl.sum(tl.where(om, u, 0.0), axis=0)
         tl.store(ROWPART + (pid_r * NWB + pid_w).to(tl.int64) * C + cs, s, mask=cmask)

@@ -77,29 +77,30 @@ def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
     B, H, W, C = x.shape
     st = stat_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, H, W), dtype=st),
-            x.new_empty((B, H, W), dtype=st), x.new_empty((B, C), dtype=st))
+            x.new_empty((B, H, W), dtype=st), x.new_empty((B, C), dtype=st),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 def fake_backward(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                  mean, rstd, pooled, eps):
+                  mean, rstd, pooled, pre, eps):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight))
 
 
 def _setup_context(ctx, inputs, output):
     x, lw, lb, dw, f1, f2, pw, scale, eps = inputs
-    y, mean, rstd, pooled = output
-    ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, scale, mean, rstd, pooled)
+    y, mean, rstd, pooled, pre = output
+    ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, scale, mean, rstd, pooled, pre)
     ctx.eps = eps
-    ctx.mark_non_differentiable(mean, rstd, pooled)
+    ctx.mark_non_differentiable(mean, rstd, pooled, pre)
 
 
 def register_autograd_for(forward_op: str, backward: Callable) -> None:
     """Gives `forward_op` (a qualified op name) the autograd formula, with `backward(grad_y, x, ln_weight,
-    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, eps) -> 7
-    grads`."""
+    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, pre, eps) ->
+    7 grads`."""
 
-    def _backward(ctx, grad_y, _gm, _gr, _gp):
+    def _backward(ctx, grad_y, _gm, _gr, _gp, _gpre):
         saved = ctx.saved_tensors
         grads = backward(grad_y.contiguous(), *saved, ctx.eps)
         need = ctx.needs_input_grad

@@ -97,6 +97,7 @@ def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
     mean = torch.empty((B, H, W), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     u = torch.empty_like(xc)
+    pre = torch.empty_like(xc)  # the DW output, saved for the backward in x's dtype
     block_w, block_c = _tiles(W, C)
     nwb = triton_cdiv(W, block_w)
     rowpart = torch.zeros((B * H, nwb, C), device=x.device, dtype=torch.float32)
@@ -104,18 +105,18 @@ def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
         bc_full = _next_pow2(C)
         bp = max(1, min(16, 4096 // bc_full))
         K.ln_stats_kernel[(triton_cdiv(P, bp),)](xc, mean, rstd, P, C, float(eps), BLOCK_P=bp, BLOCK_C=bc_full)
-        _front(xc, mean, rstd, g, be, wt, u, None, rowpart, nwb, block_w, block_c)
+        _front(xc, mean, rstd, g, be, wt, u, pre, rowpart, nwb, block_w, block_c)
     pooled = rowpart.view(B, H * nwb, C).sum(1) / HW
     s = torch.sigmoid(F.gelu(pooled @ w1.t()) @ w2.t())
     if branch_scale is not None:
         s = s * branch_scale[:, None]
     wf = (wp[None] * s[:, None, :]).transpose(1, 2).to(x.dtype)
     y = torch.baddbmm(xc.view(B, HW, C), u.view(B, HW, C), wf).view(B, H, W, C)
-    return y, mean, rstd, pooled
+    return y, mean, rstd, pooled, pre
 
 
 def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                  mean, rstd, pooled, eps):
+                  mean, rstd, pooled, pre, eps):
     from . import _triton_kernels as K
 
     _check_dtype(x)
@@ -127,10 +128,10 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
     P, HW = B * H * W, H * W
     block_w, block_c = _tiles(W, C)
     nwb = triton_cdiv(W, block_w)
-    u = torch.empty_like(xc)
-    dpre = torch.empty((B, H, W, C), device=x.device, dtype=torch.float32)
-    if P > 0:
-        _front(xc, mean, rstd, g, be, wt, u, dpre, None, nwb, block_w, block_c)
+    # The DW output is saved (pre); GELU is recomputed from it, the DW conv is not.
+    dpre = pre.to(torch.float32).contiguous()
+    dpre = dpre.clone() if dpre.data_ptr() == pre.data_ptr() else dpre  # grad_pre_kernel writes it in place
+    u = F.gelu(dpre).to(x.dtype)
     a = pooled @ w1.t()
     h = F.gelu(a)
     s = torch.sigmoid(h @ w2.t())
@@ -184,7 +185,7 @@ def _register() -> None:
     @torch.library.custom_op("dbsam::channel_attention_triton_forward", mutates_args=())
     def _fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor],
-             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The torch calls between the kernels (SE MLP, GEMMs) run in the dtypes chosen here, not
         # in those of an enclosing autocast region (as the C++ kernels' NoAutocast guard).
         with torch.autocast(x.device.type, enabled=False):
@@ -194,10 +195,10 @@ def _register() -> None:
     @torch.library.custom_op("dbsam::channel_attention_triton_backward", mutates_args=())
     def _bwd(grad_y: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
-             pooled: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             pooled: Tensor, pre: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             return backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
-                                 branch_scale, mean, rstd, pooled, eps)
+                                 branch_scale, mean, rstd, pooled, pre, eps)
 
     torch.library.register_fake("dbsam::channel_attention_triton_forward")(op.fake_forward)
     torch.library.register_fake("dbsam::channel_attention_triton_backward")(op.fake_backward)
