@@ -5,9 +5,10 @@ and CUDA kernels (csrc/channel_attention/); the Triton backend registers its own
 (triton.py) through `register_autograd_for` below, so every backend shares one fake kernel and one
 autograd formula. The reference backend is plain PyTorch (autograd by PyTorch itself).
 
-Forward ops return (y, mean, rstd, pooled): the LN statistics [B, H, W] and the SE input [B, C], in
-float32 (float64 for a float64 x). The backward recomputes LN and the depthwise conv from x and these
-statistics, so the op saves no [B, H, W, C] activation of its own (x is the caller's tensor).
+Forward ops return (y, mean, rstd, pooled, pre): the LN statistics [B, H, W] and the SE input [B, C],
+in float32 (float64 for a float64 x), and the depthwise conv's output pre [B, H, W, C] in x's dtype.
+The backward recomputes the LN from x and its statistics and GELU from pre, so the op saves one
+[B, H, W, C] map of its own (eager PyTorch keeps about four: the LN, DW, GELU and gated outputs).
 """
 from typing import Callable, Optional
 

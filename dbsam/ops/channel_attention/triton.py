@@ -2,10 +2,10 @@
 
 Stages (as the CUDA backend): LN statistics; LN-apply + DW3x3 + GELU + per-tile channel sums; the SE
 MLP on [B, C] (torch, tiny); the 1x1 conv as one batched GEMM (torch.baddbmm, i.e. cuBLAS) with the SE
-gate and drop-path factor folded into the weight per image and the residual as the addend. Backward
-recomputes LN/DW, uses torch GEMMs for grad_pw and the grad at the gated activations, one torch
-reduction for the SE input gradient, then Triton kernels for the GELU derivative, the transposed DW
-(+ grad_dw and LN-affine partials) and the LN backward.
+gate and drop-path factor folded into the weight per image and the residual as the addend; the DW
+output is written out (pre, saved). Backward: GELU from pre (torch), torch GEMMs for grad_pw and the
+grad at the gated activations, one torch reduction for the SE input gradient, then Triton kernels for
+the GELU derivative, the transposed DW (+ grad_dw and LN-affine partials) and the LN backward.
 
 Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (slow; for tests on tiny shapes).
 float32, float16, bfloat16 (float32 statistics and accumulation); float64 is left to the cpu/reference
