@@ -1,9 +1,10 @@
 // Just enough of CUDA's execution model, on the CPU, to run this project's kernel headers in a C++
 // test without a GPU (CI has none): the blocks of a launch run one after another, the threads of a
 // block as std::threads; __syncthreads is a barrier of the block, a warp shuffle goes through an
-// exchange buffer between two barriers of the warp, and __shared__ variables are function statics
-// (one block runs at a time, so only its threads share them). Not emulated: memory ordering beyond
-// the barriers, warp divergence costs, anything about speed. Include before the kernel header.
+// exchange buffer between two barriers of the warp, __shared__ variables are function statics (one
+// block runs at a time, so only its threads share them), and atomicAdd takes one global lock. Not
+// emulated: memory ordering beyond the barriers and atomics, vector atomics, warp divergence costs,
+// anything about speed. Include before the kernel header.
 #pragma once
 
 #include <algorithm>
@@ -104,6 +105,22 @@ void launch(dim3 grid, dim3 block, Kernel kernel) {
 }  // namespace cuda_emu
 
 inline void __syncthreads() { cuda_emu::current()->all->wait(); }
+
+// Global-memory atomics: one lock for all of them (correct, and slow, which does not matter here).
+namespace cuda_emu {
+inline std::mutex& atomic_lock() {
+  static std::mutex m;
+  return m;
+}
+}  // namespace cuda_emu
+
+template <typename T>
+T atomicAdd(T* address, T v) {
+  std::lock_guard<std::mutex> lock(cuda_emu::atomic_lock());
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
