@@ -1,5 +1,6 @@
-"""channel_attention, CUDA backend (hand-written kernels in csrc/channel_attention/cuda.cu): parity
-with the float64 reference in every dtype, gradcheck, opcheck, drop-path scale, stream/device rules."""
+"""channel_attention, CUDA backend (hand-written kernels in csrc/channel_attention/kernels.cuh, launched
+by cuda.cu): parity with the float64 reference in every dtype, gradcheck, opcheck, drop-path scale,
+stream/device rules."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
-"""The hand-written CUDA kernels of ms_deform_attn (csrc/ms_deform_attn/cuda.cu) against the float64
-reference: every dtype pair, odd D (general path) and D % 8 == 0 (vector path), locations off the
+"""The hand-written CUDA kernels of ms_deform_attn (csrc/ms_deform_attn/kernels.cuh, launched by cuda.cu)
+against the float64 reference: every dtype pair, odd D (general path) and D % 8 == 0 (vector path), locations off the
 map, non-square levels, the kernels.md shapes, gradcheck, deterministic mode, CUDA graphs, device
 indices, bad inputs and torch.library.opcheck. Needs a GPU and a dbsam._C built with CUDA.
 """
