@@ -54,19 +54,6 @@ namespace {
 // and four independent partial sums per thread, so several loads of each chain are in flight.
 constexpr int kSeThreads = 1024;
 
-// sum_k a[k] * b[k] over one warp (every lane gets it), four independent partial sums per lane.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_dot(const acc_t* a, const acc_t* __restrict__ b, int n, int lane) {
-  acc_t s[4] = {0, 0, 0, 0};
-  int k = lane;
-  for (; k + 96 < n; k += 128) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) s[q] += a[k + 32 * q] * b[k + 32 * q];
-  }
-  for (; k < n; k += 32) s[0] += a[k] * b[k];
-  return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
-}
-
 template <typename acc_t>
 __global__ void __launch_bounds__(kSeThreads) se_gate_kernel(
     const acc_t* __restrict__ rowsum, const acc_t* __restrict__ w1, const acc_t* __restrict__ w2,
@@ -114,6 +101,22 @@ __global__ void fold_kernel(const acc_t* __restrict__ wp, const acc_t* __restric
     const int64_t b = idx / CC, k = idx % CC;
     wf[idx] = static_cast<scalar_t>(wp[k] * gate[b * C + k % C]);
   }
+}
+
+// out [B, R] = a [B, K] @ w^T with w [R, K]: the SE MLP's small-batch products (small_mm_kernel).
+at::Tensor small_mm(const at::Tensor& a, const at::Tensor& w, cudaStream_t stream) {
+  const int64_t B = a.size(0), K = a.size(1), R = w.size(0);
+  auto out = at::empty({B, R}, a.options());
+  if (out.numel() == 0) return out;
+  auto ac = a.contiguous(), wc = w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "channel_attention_small_mm", [&] {
+    const int64_t threads = B * R * 32;
+    small_mm_kernel<scalar_t><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+        ac.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), static_cast<int>(B),
+        static_cast<int>(R), static_cast<int>(K));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 unsigned grid_stride_blocks(int64_t total, int threads) {
@@ -272,10 +275,10 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto stream = at::cuda::getCurrentCUDAStream();
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), prec.data_ptr()});
-  // SE, recomputed from the saved pooled means.
-  auto a = at::mm(pooled_c, w.w1.t());
+  // SE, recomputed from the saved pooled means (its [B, K] x [K, R] products in small_mm_kernel).
+  auto a = small_mm(pooled_c, w.w1, stream);  // [B, R]
   auto h = at::gelu(a);
-  auto s = at::sigmoid(at::mm(h, w.w2.t()));
+  auto s = at::sigmoid(small_mm(h, w.w2, stream));  // [B, C]
   auto s_eff = branch_scale.has_value() ? s * branch_scale->unsqueeze(1) : s;
   auto s_c = s_eff.contiguous();
   // grad_pw = gy^T v over all pixels, v = GELU(pre) * s_eff: one GEMM with fp32 accumulation.
@@ -316,9 +319,9 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   if (branch_scale.has_value()) gs.mul_(branch_scale->unsqueeze(1));
   auto gz = gs * s * (1 - s);
   auto gw2 = at::mm(gz.t(), h);
-  auto ga = at::gelu_backward(at::mm(gz, w.w2), a);
+  auto ga = at::gelu_backward(small_mm(gz, w.w2.t().contiguous(), stream), a);  // [B, R]
   auto gw1 = at::mm(ga.t(), pooled_c);
-  auto gp = at::mm(ga, w.w1).contiguous();
+  auto gp = small_mm(ga, w.w1.t().contiguous(), stream);  // [B, C]
   auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
   auto gx = at::empty_like(xc);

@@ -374,5 +374,33 @@ __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t*
   }
 }
 
+// sum_k a[k] * b[k] over one warp (every lane gets it), four independent partial sums per lane.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_dot(const acc_t* a, const acc_t* __restrict__ b, int n, int lane) {
+  acc_t s[4] = {0, 0, 0, 0};
+  int k = lane;
+  for (; k + 96 < n; k += 128) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) s[q] += a[k + 32 * q] * b[k + 32 * q];
+  }
+  for (; k < n; k += 32) s[0] += a[k] * b[k];
+  return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
+}
+
+// out[b, r] = sum_k a[b, k] * w[r, k] for a small batch B: the SE MLP's products ([B, K] x [K, R]
+// with w's rows contiguous), one warp per output. cuBLAS ran the backward's K = 768 ones (B = 8,
+// R = 192, fp32) as SIMT GEMMs of two thread blocks, ~55 us each on the H100 (run 4's profile);
+// here they are B * R warps reading coalesced rows.
+template <typename acc_t>
+__global__ void small_mm_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ w, acc_t* __restrict__ out,
+                                int B, int R, int K) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(B) * R) return;  // whole warps leave together
+  const int64_t b = warp / R, r = warp - b * R;
+  const acc_t v = warp_dot(a + b * K, w + r * K, K, lane);
+  if (lane == 0) out[warp] = v;
+}
+
 }  // namespace ca
 }  // namespace dbsam

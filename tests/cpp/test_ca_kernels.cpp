@@ -194,6 +194,26 @@ static void run_case(int B, int H, int W, int C) {
   expect_close("ln_backward", gx_k, gx, tol, tag);
 }
 
+// small_mm_kernel: out [B, R] = a [B, K] @ w^T, one warp per output (the SE MLP's products).
+template <typename T>
+static void run_small_mm(int B, int R, int K) {
+  char tag[64];
+  std::snprintf(tag, sizeof tag, "[%s small_mm B=%d R=%d K=%d]", sizeof(T) == 8 ? "double" : "float", B, R, K);
+  std::mt19937 rng(99 + K);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<T> a(int64_t(B) * K), w(int64_t(R) * K), out(int64_t(B) * R, T(-7));
+  for (auto& v : a) v = static_cast<T>(nd(rng));
+  for (auto& v : w) v = static_cast<T>(nd(rng));
+  std::vector<double> want(int64_t(B) * R, 0.0);
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) want[int64_t(b) * R + r] += double(a[int64_t(b) * K + k]) * w[int64_t(r) * K + k];
+  const int64_t threads = int64_t(B) * R * 32;
+  cuda_emu::launch(dim3(unsigned((threads + 255) / 256)), dim3(256),
+                   [&] { small_mm_kernel<T>(a.data(), w.data(), out.data(), B, R, K); });
+  expect_close("small_mm", out, want, sizeof(T) == 8 ? 1e-12 : 1e-5, tag);
+}
+
 template <typename T>
 static void run_all(int B, int H, int W, int C) {
   run_case<T, 1>(B, H, W, C);
@@ -208,6 +228,10 @@ int main() {
   run_all<float>(1, 3, 17, 24);
   run_all<double>(2, 4, 17, 36);
   run_case<float, 1>(1, 2, 3, 7);  // C odd: only VEC = 1 may run it (the host falls back to it)
+  // K below, at and above a warp's 128-element unrolled step; B * R not a multiple of 8 warps.
+  run_small_mm<float>(3, 5, 7);
+  run_small_mm<float>(2, 7, 128);
+  run_small_mm<double>(3, 6, 300);
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
