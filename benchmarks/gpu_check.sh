@@ -241,7 +241,7 @@ run_step memcheck 120 1 bash -c step_memcheck
 run_step racecheck 90 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 80 1 bash -c step_bench_ca
-TAIL_LINES=40 run_step profile 45 1 bash -c step_profile
+TAIL_LINES=60 run_step profile 60 1 bash -c step_profile
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
 TAIL_LINES=4 run_step exit_probe 75 1 bash -c step_exit_probe
