@@ -22,3 +22,19 @@ def make_inputs(B, H, W, C, R, dtype=torch.float64, wdtype=None, seed=0, device=
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def saved_activation_bytes(fn, x, ws):
+    """Bytes of the distinct storages autograd keeps for backward, apart from x and the weights."""
+    skip = {t.untyped_storage().data_ptr() for t in (x, *ws)}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -9,7 +9,7 @@ from dbsam.ops import _native
 from dbsam.ops.channel_attention import ChannelAttention, channel_attention, channel_attention_reference
 from dbsam.ops.channel_attention.op import stat_dtype
 
-from _ca_common import SHAPES, make_inputs, rel_err
+from _ca_common import SHAPES, make_inputs, rel_err, saved_activation_bytes
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -163,6 +163,25 @@ def test_native_checks_reject_bad_calls():
                                                   None, 1e-6)
     with pytest.raises(TypeError, match="x must be"):
         torch.ops.dbsam.channel_attention_forward(a["x"].int(), *list(a.values())[1:], None, 1e-6)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_native), "triton"])
+def test_saves_one_map_for_backward(backend, triton_interpreter):
+    """The op keeps one [B, H, W, C] map in x's dtype (the DW output) plus [B, H, W] / [B, C]
+    statistics: at most a third of what the eager composition (the reference backend) keeps, the
+    adapter issue's memory goal, checked here on the bytes themselves (device-independent)."""
+    if ops._backends.why_not("channel_attention", backend, torch.device("cpu")):
+        pytest.skip(f"{backend}: {ops._backends.why_not('channel_attention', backend, torch.device('cpu'))}")
+    x, ws = make_inputs(2, 9, 7, 24, 6)
+    x = x.float().requires_grad_()
+    ws = [w.float().requires_grad_() for w in ws]
+    saved = {}
+    for b in (backend, "reference"):
+        saved[b] = saved_activation_bytes(lambda: channel_attention(x, *ws, backend=b), x, ws)
+    B, H, W, C = x.shape
+    stats = (2 * B * H * W + B * C) * 4
+    assert saved[backend] <= x.nbytes + stats, saved
+    assert 3 * saved[backend] <= saved["reference"], saved
 
 
 def test_unknown_backend():

@@ -7,7 +7,7 @@ import torch
 from dbsam.ops import _native
 from dbsam.ops.channel_attention import channel_attention, channel_attention_reference
 
-from _ca_common import SHAPES, make_inputs, rel_err
+from _ca_common import SHAPES, make_inputs, rel_err, saved_activation_bytes
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -67,6 +67,19 @@ def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     x_odd = flat[1:].view(x.shape)
     assert x_odd.data_ptr() % (int(vec) * x.element_size()) != 0
     assert rel_err(channel_attention(x_odd, *ws, backend="cuda"), channel_attention(x, *ws, backend="cuda")) < tol
+
+
+def test_cuda_saves_one_map_for_backward():
+    """bf16 at 8x64x64x768, the adapter goal's shape: one map in x's dtype plus statistics, at most a
+    third of what the eager composition keeps (the reference backend, which runs bf16 in float32,
+    keeps more still; the benchmark compares with eager NCHW in bf16)."""
+    x, ws = make_inputs(8, 64, 64, 768, 192, dtype=torch.bfloat16, device="cuda")
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    cuda = saved_activation_bytes(lambda: channel_attention(x, *ws, backend="cuda"), x, ws)
+    ref = saved_activation_bytes(lambda: channel_attention(x, *ws, backend="reference"), x, ws)
+    stats = (2 * 8 * 64 * 64 + 8 * 768) * 4
+    assert cuda <= x.nbytes + stats and 3 * cuda <= ref, (cuda, ref, x.nbytes)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
