@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "channel_attention/math.h"
+#include "common/vec_access.cuh"
 
 namespace dbsam {
 namespace ca {
@@ -22,27 +23,6 @@ namespace ca {
 constexpr int TX = 32;  // threads across contiguous channels per block (TX * VEC channels)
 constexpr int TY = 8;   // column groups per block
 constexpr int WARPS = 8;
-
-// VEC channels of one pixel as one aligned access.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T, typename acc_t>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int k = 0; k < V; ++k) out[k] = static_cast<acc_t>(pk.v[k]);
-}
-
-template <int V, typename T, typename acc_t>
-__device__ __forceinline__ void store_vec(T* __restrict__ p, const acc_t (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int k = 0; k < V; ++k) pk.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -155,6 +135,20 @@ __device__ __forceinline__ void grad_pre_column(const scalar_t* __restrict__ gv,
   }
 }
 
+// The DW taps ([9][C], tap-major) and the LN affine of VEC channels from c, into registers.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void channel_params(const acc_t* __restrict__ wt, const acc_t* __restrict__ g,
+                                               const acc_t* __restrict__ bta, int C, int c, acc_t (&w)[9][VEC],
+                                               acc_t (&gc)[VEC], acc_t (&bc)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+#pragma unroll
+    for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
+    gc[k] = g[c + k];
+    bc[k] = bta[c + k];
+  }
+}
+
 template <typename acc_t, int VEC>
 __device__ __forceinline__ void shift_window(acc_t (&win)[3][3][VEC]) {
 #pragma unroll
@@ -188,13 +182,7 @@ __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   acc_t part[1][VEC] = {};
   if (c < C && j0 < j1) {
     acc_t w[9][VEC], gc[VEC], bc[VEC];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-#pragma unroll
-      for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
-      gc[k] = g[c + k];
-      bc[k] = bta[c + k];
-    }
+    channel_params(wt, g, bta, C, c, w, gc, bc);
     acc_t win[3][3][VEC];  // [column j-1, j, j+1][row i-1, i, i+1][channel]
     ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, win[0]);
     ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, win[1]);
@@ -283,12 +271,9 @@ __global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(
   acc_t part[11][VEC] = {};
   if (c < C && j0 < j1) {
     acc_t w[9][VEC], gc[VEC], bc[VEC], sb[VEC], gpb[VEC];
+    channel_params(wt, g, bta, C, c, w, gc, bc);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-#pragma unroll
-      for (int t = 0; t < 9; ++t) w[t][k] = wt[t * C + c + k];
-      gc[k] = g[c + k];
-      bc[k] = bta[c + k];
       sb[k] = s[b * C + c + k];
       gpb[k] = gp[b * C + c + k] * inv_hw;
     }

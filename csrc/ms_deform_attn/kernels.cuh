@@ -21,6 +21,7 @@
 #include <cstring>
 #endif
 
+#include "common/vec_access.cuh"
 #include "ms_deform_attn/sampling.h"
 
 namespace dbsam {
@@ -73,26 +74,6 @@ __device__ __forceinline__ int64_t sample_of_group(int64_t g, const KDims& d) {
   const int64_t m = r / d.Lq;
   const int64_t q = r - m * d.Lq;
   return (n * d.Lq + q) * d.M + m;
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
-template <typename scalar_t, int VEC, typename acc_t>
-__device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p, acc_t (&out)[VEC]) {
-  const Vec<scalar_t, VEC> x = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = static_cast<acc_t>(x.v[j]);
-}
-
-template <typename scalar_t, int VEC, typename acc_t>
-__device__ __forceinline__ void store_vec(scalar_t* __restrict__ p, const acc_t (&in)[VEC]) {
-  Vec<scalar_t, VEC> x;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) x.v[j] = static_cast<scalar_t>(in[j]);
-  *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = x;
 }
 
 // grad_value scatter of VEC channels. `dst` is VEC-aligned (checked on the host).
@@ -228,13 +209,13 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
           if (s.row[k] < 0) continue;
           const acc_t w = a * s.weight[k];
           acc_t v[VEC];
-          load_vec<scalar_t, VEC>(vb + s.row[k] * row_stride, v);
+          load_vec<VEC>(vb + s.row[k] * row_stride, v);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) acc[j] += w * v[j];
         }
       }
     }
-    store_vec<scalar_t, VEC>(out + t * d.D + static_cast<int64_t>(c) * VEC, acc);
+    store_vec<VEC>(out + t * d.D + static_cast<int64_t>(c) * VEC, acc);
   }
 }
 
@@ -274,7 +255,7 @@ msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __re
   acc_t g0[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) g0[j] = acc_t(0);
-  if (active && lane < d.chunks) load_vec<scalar_t, VEC>(go + static_cast<int64_t>(lane) * VEC, g0);
+  if (active && lane < d.chunks) load_vec<VEC>(go + static_cast<int64_t>(lane) * VEC, g0);
 
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
@@ -294,7 +275,7 @@ msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __re
 #pragma unroll
             for (int j = 0; j < VEC; ++j) g[j] = g0[j];
           } else {
-            load_vec<scalar_t, VEC>(go + cofs, g);
+            load_vec<VEC>(go + cofs, g);
           }
           acc_t dot[4];
 #pragma unroll
@@ -303,7 +284,7 @@ msda_backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __re
             if (s.row[k] < 0) continue;
             const int64_t o = vofs + s.row[k] * row_stride + cofs;
             acc_t v[VEC];
-            load_vec<scalar_t, VEC>(value + o, v);
+            load_vec<VEC>(value + o, v);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) dot[k] += g[j] * v[j];
             if constexpr (SCATTER) {
@@ -395,11 +376,11 @@ msda_det_gather_kernel(const int64_t* __restrict__ skeys, const int64_t* __restr
       const int64_t t = e / corners_per_t;
       const acc_t w = wbuf[e];
       acc_t g[VEC];
-      load_vec<scalar_t, VEC>(grad_out + t * d.D + cofs, g);
+      load_vec<VEC>(grad_out + t * d.D + cofs, g);
 #pragma unroll
       for (int j2 = 0; j2 < VEC; ++j2) acc[j2] += w * g[j2];
     }
-    store_vec<scalar_t, VEC>(gv + cofs, acc);
+    store_vec<VEC>(gv + cofs, acc);
   }
 }
 

@@ -5,6 +5,7 @@
 // longer (W = 17: uneven column runs). What this cannot check (speed, real memory ordering, the
 // host code's buffer and alignment choices) the GPU tests do. Built and run by CMake/ctest.
 #include "cuda_emulation.h"
+#include "expect_close.h"
 
 #include <cstdio>
 #include <random>
@@ -14,28 +15,9 @@
 
 using namespace dbsam::ca;
 
-static int failures = 0;
-
 static double gelu_d(double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); }
 static double gelu_grad_d(double v) {
   return 0.5 * (1 + std::erf(v / std::sqrt(2.0))) + v * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI);
-}
-
-template <typename T>
-static void expect_close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double tol,
-                         const char* tag) {
-  double scale = 1e-30, worst = 0;
-  size_t at = 0;
-  for (double w : want) scale = std::max(scale, std::fabs(w));
-  for (size_t k = 0; k < want.size(); ++k) {
-    const double e = std::fabs(static_cast<double>(got[k]) - want[k]);
-    if (e > worst) worst = e, at = k;
-  }
-  if (!(worst <= tol * scale)) {  // also catches NaN
-    std::printf("%s %s: max error %.3g at %zu (got %.9g, want %.9g; scale %.3g)\n", tag, what, worst, at,
-                static_cast<double>(got[at]), want[at], scale);
-    ++failures;
-  }
 }
 
 template <typename T, int VEC>

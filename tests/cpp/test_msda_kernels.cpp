@@ -8,6 +8,7 @@
 // locations partly outside every level, and block sizes of 64 and 256 (cuda.cu picks either). The
 // 16-bit instantiations and the sm_90 vector atomics are nvcc-only: the GPU tests cover them.
 #include "cuda_emulation.h"
+#include "expect_close.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -18,25 +19,6 @@
 #include "ms_deform_attn/kernels.cuh"
 
 using namespace dbsam::msda;
-
-static int failures = 0;
-
-template <typename T>
-static void expect_close(const char* what, const std::vector<T>& got, const std::vector<double>& want, double tol,
-                         const char* tag) {
-  double scale = 1e-30, worst = 0;
-  size_t at = 0;
-  for (double w : want) scale = std::max(scale, std::fabs(w));
-  for (size_t k = 0; k < want.size(); ++k) {
-    const double e = std::fabs(static_cast<double>(got[k]) - want[k]);
-    if (!(e <= worst)) worst = e, at = k;  // NaN is the worst
-  }
-  if (!(worst <= tol * scale)) {
-    std::printf("%s %s: max error %.3g at %zu (got %.9g, want %.9g; scale %.3g)\n", tag, what, worst, at,
-                static_cast<double>(got[at]), want[at], scale);
-    ++failures;
-  }
-}
 
 struct Problem {
   int64_t N, Lq, M, D, P;
