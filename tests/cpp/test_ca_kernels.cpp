@@ -1,14 +1,17 @@
 // The channel_attention CUDA kernels (csrc/channel_attention/kernels.cuh), run on the CPU under
 // tests/cpp/cuda_emulation.h and checked against plain double-precision loops, for one, two and four
-// channels per thread (VEC), float and double, odd sizes: partial channel blocks (C < 32 * VEC, C not
+// channels per thread (VEC), float, double and bf16 (tests/cpp/host_bf16.h standing in for
+// c10::BFloat16, with float statistics), odd sizes: partial channel blocks (C < 32 * VEC, C not
 // a multiple of the block's channels), rows shorter than the block's column groups (W = 7 < 8) and
 // longer (W = 17: uneven column runs). What this cannot check (speed, real memory ordering, the
 // host code's buffer and alignment choices) the GPU tests do. Built and run by CMake/ctest.
 #include "cuda_emulation.h"
 #include "expect_close.h"
+#include "host_bf16.h"
 
 #include <cstdio>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "channel_attention/kernels.cuh"
@@ -20,25 +23,34 @@ static double gelu_grad_d(double v) {
   return 0.5 * (1 + std::erf(v / std::sqrt(2.0))) + v * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI);
 }
 
-template <typename T, int VEC>
+// S: the tensors' dtype (float, double, or bf16 standing in for c10::BFloat16); A: the accumulation
+// and statistics dtype the host pairs with it (float for bf16).
+template <typename S, typename A, int VEC>
 static void run_case(int B, int H, int W, int C) {
   char tag[96];
-  std::snprintf(tag, sizeof tag, "[%s VEC=%d B=%d H=%d W=%d C=%d]", sizeof(T) == 8 ? "double" : "float", VEC, B, H,
-                W, C);
-  const double tol = sizeof(T) == 8 ? 1e-11 : 2e-5;
+  const char* name = std::is_same<S, bf16>::value ? "bf16" : sizeof(S) == 8 ? "double" : "float";
+  std::snprintf(tag, sizeof tag, "[%s VEC=%d B=%d H=%d W=%d C=%d]", name, VEC, B, H, W, C);
+  const double tol = sizeof(A) == 8 ? 1e-11 : 2e-5;       // what the kernel accumulates or keeps in A
+  const double tol_s = sizeof(S) == 2 ? 8e-3 : tol;        // what it rounds to S
   const int64_t P = int64_t(B) * H * W, N = P * C;
-  std::mt19937 rng(1234 + VEC * 7 + C + W);
+  std::mt19937 rng(1234 + VEC * 7 + C + W + int(sizeof(S)));
   std::normal_distribution<double> nd(0.0, 1.0);
-  auto randv = [&](size_t n, double mean = 0.0, double sd = 1.0) {
-    std::vector<T> v(n);
-    for (auto& e : v) e = static_cast<T>(mean + sd * nd(rng));
+  auto rand_s = [&](size_t n, double mean = 0.0, double sd = 1.0) {
+    std::vector<S> v(n);
+    for (auto& e : v) e = static_cast<S>(mean + sd * nd(rng));
+    return v;
+  };
+  auto rand_a = [&](size_t n, double mean = 0.0, double sd = 1.0) {
+    std::vector<A> v(n);
+    for (auto& e : v) e = static_cast<A>(mean + sd * nd(rng));
     return v;
   };
   // Inputs: x with a per-pixel offset (LN must remove it), LN affine, DW taps [9][C] (tap-major).
-  std::vector<T> x = randv(N), g = randv(C, 1.0, 0.3), bta = randv(C, 0.0, 0.3), wt = randv(9 * C, 0.0, 0.4);
+  std::vector<S> x(N);
   for (int64_t p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) x[p * C + c] += static_cast<T>(0.5 * (p % 5));
-  const T eps = static_cast<T>(1e-6);
+    for (int c = 0; c < C; ++c) x[p * C + c] = static_cast<S>(nd(rng) + 0.5 * (p % 5));
+  std::vector<A> g = rand_a(C, 1.0, 0.3), bta = rand_a(C, 0.0, 0.3), wt = rand_a(9 * C, 0.0, 0.4);
+  const A eps = static_cast<A>(1e-6);
 
   // --- reference, in double --------------------------------------------------------------------------
   std::vector<double> mu(P), rs(P), ln(N), xhat(N), pre(N, 0.0), u(N), rowsum(int64_t(B) * H * C, 0.0);
@@ -70,41 +82,44 @@ static void run_case(int B, int H, int W, int C) {
         }
 
   // --- ln_stats ------------------------------------------------------------------------------------------
-  std::vector<T> mean(P), rstd(P);
+  std::vector<A> mean(P), rstd(P);
   cuda_emu::launch(dim3(unsigned((P + WARPS - 1) / WARPS)), dim3(WARPS * 32),
-                   [&] { ln_stats_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), P, C, eps); });
+                   [&] { ln_stats_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), P, C, eps); });
   expect_close("ln_stats mean", mean, mu, tol, tag);
   expect_close("ln_stats rstd", rstd, rs, tol, tag);
 
   // --- dw_gelu: u, the saved pre-activation, row sums (and without the optional outputs) ---------------------
   const dim3 tiles(unsigned((C + TX * VEC - 1) / (TX * VEC)), unsigned(H), unsigned(B));
-  std::vector<T> u_k(N), pre_k(N), rowsum_k(int64_t(B) * H * C);
+  std::vector<S> u_k(N), pre_k(N);
+  std::vector<A> rowsum_k(int64_t(B) * H * C);
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
+    dw_gelu_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
                               pre_k.data(), rowsum_k.data(), H, W, C);
   });
-  expect_close("dw_gelu u", u_k, u, tol, tag);
-  expect_close("dw_gelu pre", pre_k, pre, tol, tag);
+  expect_close("dw_gelu u", u_k, u, tol_s, tag);
+  expect_close("dw_gelu pre", pre_k, pre, tol_s, tag);
   expect_close("dw_gelu rowsum", rowsum_k, rowsum, tol, tag);
-  std::fill(u_k.begin(), u_k.end(), T(-7));
+  std::fill(u_k.begin(), u_k.end(), S(-7.0f));
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<T, T, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), nullptr,
+    dw_gelu_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), nullptr,
                               nullptr, H, W, C);
   });
-  expect_close("dw_gelu u (u only)", u_k, u, tol, tag);
+  expect_close("dw_gelu u (u only)", u_k, u, tol_s, tag);
 
   // --- gated_act: v = GELU(pre) * s[b] (grid-stride: 3 blocks at most) --------------------------------------
-  std::vector<T> s = randv(int64_t(B) * C, 0.5, 0.2), gp = randv(int64_t(B) * C), v_k(N);
+  std::vector<A> s = rand_a(int64_t(B) * C, 0.5, 0.2), gp = rand_a(int64_t(B) * C);
+  std::vector<S> v_k(N);
   const int64_t HWC = int64_t(H) * W * C;
   std::vector<double> v(N);
   for (int64_t k = 0; k < N; ++k) v[k] = gelu_d(double(pre_k[k])) * s[(k / HWC) * C + k % C];
   const int64_t groups = N / VEC;
   cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128),
-                   [&] { gated_act_kernel<T, T, VEC>(pre_k.data(), s.data(), v_k.data(), N, HWC, C); });
-  expect_close("gated_act", v_k, v, tol, tag);
+                   [&] { gated_act_kernel<S, A, VEC>(pre_k.data(), s.data(), v_k.data(), N, HWC, C); });
+  expect_close("gated_act", v_k, v, tol_s, tag);
 
   // --- chan_dot_gelu: per (image, row) sums of gv * GELU(pre) ------------------------------------------------
-  std::vector<T> gv = randv(N), rowdot_k(int64_t(B) * H * C);
+  std::vector<S> gv = rand_s(N);
+  std::vector<A> rowdot_k(int64_t(B) * H * C);
   std::vector<double> rowdot(int64_t(B) * H * C, 0.0);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < H; ++i)
@@ -112,7 +127,7 @@ static void run_case(int B, int H, int W, int C) {
         for (int c = 0; c < C; ++c)
           rowdot[(int64_t(b) * H + i) * C + c] += double(gv[at(b, i, j) * C + c]) * gelu_d(double(pre_k[at(b, i, j) * C + c]));
   cuda_emu::launch(tiles, dim3(TX, TY),
-                   [&] { chan_dot_gelu_kernel<T, T, VEC>(gv.data(), pre_k.data(), rowdot_k.data(), H, W, C); });
+                   [&] { chan_dot_gelu_kernel<S, A, VEC>(gv.data(), pre_k.data(), rowdot_k.data(), H, W, C); });
   expect_close("chan_dot_gelu", rowdot_k, rowdot, tol, tag);
 
   // --- dw_backward: the grad at pre formed on the fly, transposed DW, per-block partials of grad_dw /
@@ -123,7 +138,7 @@ static void run_case(int B, int H, int W, int C) {
     const int64_t bc = (k / HWC) * C + k % C;
     gd[k] = (double(gv[k]) * s[bc] + double(gp[bc]) * inv_hw) * gelu_grad_d(double(pre_k[k]));
   }
-  std::vector<T> gn_k(N), partials(int64_t(B) * H * 11 * C);
+  std::vector<A> gn_k(N), partials(int64_t(B) * H * 11 * C);
   std::vector<double> gn(N, 0.0), gdw(9 * C, 0.0), gg(C, 0.0), gb(C, 0.0);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < H; ++i)
@@ -143,21 +158,21 @@ static void run_case(int B, int H, int W, int C) {
       gb[c] += gn[p * C + c];
     }
   cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_backward_kernel<T, T, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), T(inv_hw), x.data(), mean.data(),
+    dw_backward_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), A(inv_hw), x.data(), mean.data(),
                                   rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(), partials.data(), H, W, C);
   });
   expect_close("dw_backward gn", gn_k, gn, tol, tag);
-  std::vector<T> red(11 * C, T(0));
+  std::vector<A> red(11 * C, A(0));
   for (int64_t r = 0; r < int64_t(B) * H; ++r)
     for (int q = 0; q < 11 * C; ++q) red[q] += partials[r * 11 * C + q];
-  std::vector<T> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
+  std::vector<A> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
       red_b(red.begin() + 10 * C, red.end());
   expect_close("dw_backward grad_dw", red_dw, gdw, 10 * tol, tag);
   expect_close("dw_backward grad_ln_weight", red_g, gg, 10 * tol, tag);
   expect_close("dw_backward grad_ln_bias", red_b, gb, 10 * tol, tag);
 
   // --- ln_backward (+ residual) ------------------------------------------------------------------------------
-  std::vector<T> gy = randv(N), gx_k(N);
+  std::vector<S> gy = rand_s(N), gx_k(N);
   std::vector<double> gx(N);
   for (int64_t p = 0; p < P; ++p) {
     double s1 = 0, s2 = 0;
@@ -171,9 +186,9 @@ static void run_case(int B, int H, int W, int C) {
       gx[p * C + c] = gy[p * C + c] + rs[p] * (double(gn_k[p * C + c]) * g[c] - s1 - xhat[p * C + c] * s2);
   }
   cuda_emu::launch(dim3(unsigned((P + WARPS - 1) / WARPS)), dim3(WARPS * 32), [&] {
-    ln_backward_kernel<T, T, VEC>(gn_k.data(), x.data(), gy.data(), mean.data(), rstd.data(), g.data(), gx_k.data(), P, C);
+    ln_backward_kernel<S, A, VEC>(gn_k.data(), x.data(), gy.data(), mean.data(), rstd.data(), g.data(), gx_k.data(), P, C);
   });
-  expect_close("ln_backward", gx_k, gx, tol, tag);
+  expect_close("ln_backward", gx_k, gx, tol_s, tag);
 }
 
 // small_mm_kernel: out [B, R] = a [B, K] @ w^T, one warp per output (the SE MLP's products).
@@ -196,20 +211,22 @@ static void run_small_mm(int B, int R, int K) {
   expect_close("small_mm", out, want, sizeof(T) == 8 ? 1e-12 : 1e-5, tag);
 }
 
-template <typename T>
+template <typename S, typename A>
 static void run_all(int B, int H, int W, int C) {
-  run_case<T, 1>(B, H, W, C);
-  run_case<T, 2>(B, H, W, C);
-  run_case<T, 4>(B, H, W, C);
+  run_case<S, A, 1>(B, H, W, C);
+  run_case<S, A, 2>(B, H, W, C);
+  run_case<S, A, 4>(B, H, W, C);
 }
 
 int main() {
   // C = 72: three channel blocks at VEC = 1, a full and a partial one at VEC = 2, one partial at 4.
-  run_all<float>(2, 5, 7, 72);
-  run_all<double>(2, 5, 7, 72);
-  run_all<float>(1, 3, 17, 24);
-  run_all<double>(2, 4, 17, 36);
-  run_case<float, 1>(1, 2, 3, 7);  // C odd: only VEC = 1 may run it (the host falls back to it)
+  run_all<float, float>(2, 5, 7, 72);
+  run_all<double, double>(2, 5, 7, 72);
+  run_all<bf16, float>(2, 5, 7, 72);  // 2-byte elements: 4- and 8-byte accesses at VEC 2 and 4
+  run_all<float, float>(1, 3, 17, 24);
+  run_all<double, double>(2, 4, 17, 36);
+  run_all<bf16, float>(1, 3, 17, 24);
+  run_case<float, float, 1>(1, 2, 3, 7);  // C odd: only VEC = 1 may run it (the host falls back to it)
   // K below, at and above a warp's 128-element unrolled step; B * R not a multiple of 8 warps.
   run_small_mm<float>(3, 5, 7);
   run_small_mm<float>(2, 7, 128);
