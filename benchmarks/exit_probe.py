@@ -12,13 +12,13 @@ running a small child process `--runs` times in each setting:
     drained     as full, then every tensor and module dropped, gc.collect(), a device sync and a
                 short sleep before the interpreter finalizes
 
-The leading suspect since session 4 is upstream: pytorch/pytorch#190489 (open, 2026) describes
-autograd worker threads that release Python objects (a GraphTask's) while the interpreter
-finalizes; the release takes the GIL, the thread is pthread_exit-ed and its forced unwind through
-C++ frames ends in std::terminate, "terminate called without an active exception". Our ops'
-autograd formulas are Python (torch.library.register_autograd), so their graphs hold Python objects.
-If `full` aborts now and then and `drained` never does, that is the race, and draining before exit
-is the workaround (the CUDA variant tests' children drain).
+The leading suspect since session 4 is upstream: the discussion of pytorch/pytorch#190489 (open,
+2026) traces a crash to autograd worker threads that release Python objects (a GraphTask's) while
+the interpreter finalizes; the release takes the GIL, the thread is pthread_exit-ed and its forced
+unwind through C++ frames ends in std::terminate, "terminate called without an active exception".
+Our ops' autograd formulas are Python (torch.library.register_autograd), so their graphs hold Python
+objects. If `full` aborts now and then and `drained` never does, that is the race, and draining
+before exit is the workaround (the CUDA variant tests' children drain).
 
     python benchmarks/exit_probe.py [--runs 10] [--device cuda|cpu]
 

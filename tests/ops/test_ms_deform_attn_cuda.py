@@ -190,10 +190,10 @@ def test_misaligned_value_takes_the_general_path():
 
 def drain():
     """Before a child process exits: let autograd's CUDA worker thread release the graphs' Python
-    objects while the interpreter is still whole. The exit-time aborts of runs 3 and 4 look like
-    pytorch/pytorch#190489 (a worker releasing Python objects during finalization is pthread_exit-ed,
-    and the forced unwind ends in std::terminate); benchmarks/exit_probe.py measures it with and
-    without this."""
+    objects while the interpreter is still whole. The exit-time aborts of runs 3 and 4 look like the
+    crash discussed in pytorch/pytorch#190489 (a worker releasing Python objects during finalization
+    is pthread_exit-ed, and the forced unwind ends in std::terminate); benchmarks/exit_probe.py
+    measures it with and without this."""
     import gc
     import time
 
