@@ -7,7 +7,7 @@ softmaxes it:
 
 At 1024 px a global block holds B * heads * 4096^2 scores, several copies of them (the product,
 the sum with the rel-pos terms, the fp32 softmax), one of them kept for backward: the largest part
-of a DB-SAM training step's activations (ViT-B, fp32, batch 1: 3.4 of the 6.3 GB saved for backward,
+of a DB-SAM training step's activations (ViT-B, fp32, batch 1: 3.3 of the 6.1 GiB saved for backward,
 benchmarks/saved_activations.py; more under bf16 autocast, where the softmax is kept in fp32 and
 again in bf16). A fused kernel (`F.scaled_dot_product_attention`: flash or
 memory-efficient on a GPU) never stores the matrix, but takes only q, k, v. Both rel-pos terms are
