@@ -1,7 +1,8 @@
 """A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of the load width
 for fp16/bf16 (default: 16-byte forward, 8-byte atomic backward; DBSAM_MSDA_LOAD_BYTES=8 or 16 forces
 one width on both, rows marked /8B and /16B), of grad_value added straight in bf16/fp16
-(DBSAM_MSDA_LOWP_ATOMICS=1, rows marked /lowp), plus the
+(DBSAM_MSDA_LOWP_ATOMICS=1, rows marked /lowp), of the forward that locates each sample point once
+per group (DBSAM_MSDA_FWD_BCAST=1, rows marked /bcast, forward only), plus the
 deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
 uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
@@ -55,6 +56,9 @@ def child() -> None:
         order += "/" + os.environ["DBSAM_MSDA_LOAD_BYTES"] + "B"
     if os.environ.get("DBSAM_MSDA_LOWP_ATOMICS") == "1":
         order += "/lowp"
+    bcast = os.environ.get("DBSAM_MSDA_FWD_BCAST") == "1"
+    if bcast:  # a forward-only variant: the backward rows would repeat the default's
+        order += "/bcast"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator(dev).manual_seed(0)
@@ -62,10 +66,12 @@ def child() -> None:
                                                         locality=locality)
         go = torch.randn(N, Lq, M * D, generator=g, device=dev).to(dtype)
         t_f = median_us(lambda: fwd(value, spatial, starts, loc, attn))
-        t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
-        torch.use_deterministic_algorithms(True)
-        t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=3)
-        torch.use_deterministic_algorithms(False)
+        t_b = t_d = float("nan")
+        if not bcast:
+            t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
+            torch.use_deterministic_algorithms(True)
+            t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=3)
+            torch.use_deterministic_algorithms(False)
         floor = value.numel() * value.element_size() + loc.numel() * 4 + attn.numel() * 4 + go.numel() * go.element_size()
         print(f"order={order:7} {name:36} fwd {t_f:8.1f} us ({floor / t_f / 1e3:7.1f} GB/s, "
               f"{100 * floor / (t_f * 1e-6) / copy_bw:5.1f}% of copy {copy_bw / 1e9:.0f} GB/s)   "
@@ -79,11 +85,14 @@ def main() -> int:
     rc = 0
     # (sample order, load bytes); None = the default. The last rows: fp16/bf16 with one load width
     # forced on both directions.
-    # The last row: grad_value added straight in bf16/fp16 (DBSAM_MSDA_LOWP_ATOMICS=1, opt-in).
-    for order, load_bytes, lowp in (("query", None, False), ("head", None, False), (None, None, False),
-                                    (None, "8", False), (None, "16", False), (None, None, True)):
+    # Then grad_value added straight in bf16/fp16 (DBSAM_MSDA_LOWP_ATOMICS=1, opt-in), and the forward
+    # that locates each point once per group (DBSAM_MSDA_FWD_BCAST=1, opt-in; forward rows only).
+    for order, load_bytes, lowp, bcast in (("query", None, False, False), ("head", None, False, False),
+                                           (None, None, False, False), (None, "8", False, False),
+                                           (None, "16", False, False), (None, None, True, False),
+                                           (None, None, False, True)):
         env = dict(os.environ)
-        for knob in ("DBSAM_MSDA_ORDER", "DBSAM_MSDA_LOAD_BYTES", "DBSAM_MSDA_LOWP_ATOMICS"):
+        for knob in ("DBSAM_MSDA_ORDER", "DBSAM_MSDA_LOAD_BYTES", "DBSAM_MSDA_LOWP_ATOMICS", "DBSAM_MSDA_FWD_BCAST"):
             env.pop(knob, None)
         if order:
             env["DBSAM_MSDA_ORDER"] = order
@@ -91,6 +100,8 @@ def main() -> int:
             env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
         if lowp:
             env["DBSAM_MSDA_LOWP_ATOMICS"] = "1"
+        if bcast:
+            env["DBSAM_MSDA_FWD_BCAST"] = "1"
         rc |= subprocess.call([sys.executable, os.path.abspath(__file__), "--child"], env=env)
     return rc
 

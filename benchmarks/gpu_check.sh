@@ -13,7 +13,7 @@
 #              attention's fused-kernel test (tests/model/test_vit_attention.py), junit -> $OUT/junit_ops.xml
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py (both ops, CUDA and
 #              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1
-#              DBSAM_CA_VEC=4
+#              DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4
 #   racecheck  compute-sanitizer --tool racecheck on the same script (CUDA kernels; again with DBSAM_CA_VEC=4)
 #   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
@@ -186,9 +186,10 @@ sanitizer() {  # sanitizer TOOL [TAG [ARGS...]]: TAG names the raw log of a seco
 }
 
 # The second pass covers the 8-byte-load MSDA forward (the default pass: 16-byte forward, 8-byte
-# atomic backward; read once per process), the opt-in bf16/fp16 grad_value atomics and the adapter's
-# kernels at four channels per thread (8- and 16-byte accesses, a partial channel block at C = 24).
-step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 DBSAM_CA_VEC=4 sanitizer memcheck _8B; }
+# atomic backward; read once per process), the opt-in bf16/fp16 grad_value atomics, the forward
+# that locates each point once per group (at 8-byte loads) and the adapter's kernels at four
+# channels per thread (8- and 16-byte accesses, a partial channel block at C = 24).
+step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4 sanitizer memcheck _8B; }
 # racecheck: our CUDA kernels only (sanitize_case.py --cuda-only says why); the second pass with four
 # channels per thread in the adapter's kernels (their shared-memory row sums change with it).
 step_racecheck() { sanitizer racecheck "" --cuda-only && DBSAM_CA_VEC=4 sanitizer racecheck _vec4 --cuda-only; }
@@ -243,7 +244,7 @@ TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 80 1 bash -c step_bench_ca
 TAIL_LINES=60 run_step profile 60 1 bash -c step_profile
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
-TAIL_LINES=12 run_step ab 100 1 bash -c step_ab
+TAIL_LINES=12 run_step ab 110 1 bash -c step_ab
 TAIL_LINES=5 run_step exit_probe 90 1 bash -c step_exit_probe
 TAIL_LINES=5 run_step bench_model 180 1 bash -c step_bench_model
 TAIL_LINES=5 run_step bench_slow 120 1 bash -c step_bench_slow

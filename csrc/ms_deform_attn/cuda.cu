@@ -103,6 +103,18 @@ bool half_width_loads(bool backward) {
   return backward;
 }
 
+// DBSAM_MSDA_FWD_BCAST=1: the forward locates each sample point once per group and shares it by
+// shuffle (msda_forward_bcast_kernel), where every lane owns at most one channel chunk and a value
+// slice's offsets fit 32 bits; otherwise, and by default, msda_forward_kernel. An A/B knob for
+// benchmarks/ab_order.py until a GPU run has timed it; read once per process.
+bool forward_bcast() {
+  static const bool on = [] {
+    const char* e = std::getenv("DBSAM_MSDA_FWD_BCAST");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
 // DBSAM_MSDA_LOWP_ATOMICS=1: fp16/bf16 values on the fast path scatter grad_value straight into a
 // tensor of value's dtype (packed bf16x2/f16x2 reds) instead of an fp32 buffer rounded once at the
 // end: half the atomic bytes, and no fp32 zero-fill and conversion passes (on the H100, 2026-11-27,
@@ -178,7 +190,17 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     KDims k = make_dims(d, d.N * d.Lq * d.M, vec);
     k.head_major = pick_order(false);
     const Launch lc = launch_for(k.total * k.G);
-    if (half) {
+    const bool bcast = fast && forward_bcast() && k.chunks <= k.G &&
+                       d.S * d.M * d.D <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+    if (bcast && half) {
+      msda_forward_bcast_kernel<scalar_t, coord_t, VH><<<lc.grid, lc.block, 0, stream>>>(
+          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+          attn.data_ptr<coord_t>(), op, k);
+    } else if (bcast) {
+      msda_forward_bcast_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
+          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+          attn.data_ptr<coord_t>(), op, k);
+    } else if (half) {
       msda_forward_kernel<scalar_t, coord_t, VH><<<lc.grid, lc.block, 0, stream>>>(
           vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
           attn.data_ptr<coord_t>(), op, k);

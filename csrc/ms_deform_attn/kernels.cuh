@@ -219,6 +219,80 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
   }
 }
 
+// The forward with each sample point located once per group instead of once per lane (opt-in,
+// DBSAM_MSDA_FWD_BCAST=1; the host takes it only where every lane owns at most one channel chunk
+// and a value slice's offsets fit 32 bits). In msda_forward_kernel every lane of a group runs
+// locate() for every point: in its sm_90 SASS (bf16, VEC = 8) one point costs ~245 instructions per
+// lane, ~90 of them the bilinear setup that all G lanes repeat and most of the rest 64-bit index
+// math, against 32 FFMAs; run 3's ncu had the kernel issue-bound (SM throughput 64%, memory 26%).
+// Here lane j locates point i0 + j, keeps its four corner offsets (32-bit) and weights, and the group
+// walks the G points, each lane taking point u's offsets and weights from lane u by shuffle (8
+// shuffles per point) before its 4 gathers and FMAs. Same additions in the same order as
+// msda_forward_kernel: bitwise the same output.
+template <typename scalar_t, typename coord_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+msda_forward_bcast_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                          const int64_t* __restrict__ starts, const coord_t* __restrict__ loc,
+                          const coord_t* __restrict__ attn, scalar_t* __restrict__ out, const KDims d) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t g = gid >> d.log2G;
+  const int lane = static_cast<int>(gid & (d.G - 1));
+  // Groups past the end stay to the end: every lane of the warp takes part in the shuffles.
+  const bool active = g < d.total;
+  const int64_t t = active ? sample_of_group(g, d) : 0;
+  const int64_t m = t % d.M;
+  const int64_t n = t / (d.M * d.Lq);
+  const int LP = static_cast<int>(d.L * d.P), P = static_cast<int>(d.P);
+  const coord_t* tl = loc + t * LP * 2;
+  const coord_t* ta = attn + t * LP;
+  const int row_stride = static_cast<int>(d.M * d.D);
+  const scalar_t* vb = value + (n * d.S * d.M + m) * d.D + static_cast<int64_t>(lane) * VEC;
+  const bool has_chunk = active && lane < d.chunks;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+  for (int i0 = 0; i0 < LP; i0 += d.G) {
+    int off[4] = {-1, -1, -1, -1};  // -1: corner outside (skipped, as msda_forward_kernel skips it)
+    acc_t w[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    const int i = i0 + lane;
+    if (active && i < LP) {
+      const int l = i / P;
+      Sample<acc_t> s;
+      if (locate<acc_t>(static_cast<acc_t>(tl[2 * i]), static_cast<acc_t>(tl[2 * i + 1]), shapes[2 * l],
+                        shapes[2 * l + 1], starts[l], d.S, s)) {
+        const acc_t a = static_cast<acc_t>(ta[i]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (s.row[k] < 0) continue;
+          off[k] = static_cast<int>(s.row[k]) * row_stride;
+          w[k] = a * s.weight[k];
+        }
+      }
+    }
+    const int points = min(d.G, LP - i0);
+    for (int u = 0; u < points; ++u) {
+      int o[4];
+      acc_t ww[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        o[k] = __shfl_sync(0xffffffffu, off[k], u, d.G);
+        ww[k] = __shfl_sync(0xffffffffu, w[k], u, d.G);
+      }
+      if (!has_chunk) continue;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (o[k] < 0) continue;
+        acc_t v[VEC];
+        load_vec<VEC>(vb + o[k], v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += ww[k] * v[j];
+      }
+    }
+  }
+  if (has_chunk) store_vec<VEC>(out + t * d.D + static_cast<int64_t>(lane) * VEC, acc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Backward. SCATTER: accumulate grad_value with atomics (else only grad_loc / grad_attn).
 

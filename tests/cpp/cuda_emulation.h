@@ -122,6 +122,20 @@ T atomicAdd(T* address, T v) {
   return old;
 }
 
+// Lane srcLane of this lane's width-wide segment of the warp (width a power of two <= 32).
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T v, int src_lane, int width = 32) {
+  cuda_emu::Block* b = cuda_emu::current();
+  const int tid = cuda_emu::linear_tid();
+  const int lane = tid & 31;
+  const int src = (tid - lane) + (lane & ~(width - 1)) + (src_lane & (width - 1));
+  b->exchange[tid] = static_cast<double>(v);  // float, double and 32-bit ints round-trip exactly
+  b->warps[tid / 32]->wait();
+  const T r = static_cast<T>(b->exchange[src]);
+  b->warps[tid / 32]->wait();
+  return r;
+}
+
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   cuda_emu::Block* b = cuda_emu::current();

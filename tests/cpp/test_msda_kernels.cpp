@@ -1,8 +1,9 @@
 // The ms_deform_attn CUDA kernels (csrc/ms_deform_attn/kernels.cuh), run on the CPU under
 // tests/cpp/cuda_emulation.h and checked against plain double-precision loops over sampling.h (the
 // per-sample math every backend shares, itself checked by test_sampling.cpp and the Python tests):
-// forward, the atomic backward (grad_value scatter; grad_loc and grad_attn from the group
-// reductions), and the deterministic backward (keys, a stable sort as the host does, gather). Float,
+// forward (and its located-once-per-group variant), the atomic backward (grad_value scatter;
+// grad_loc and grad_attn from the group reductions), and the deterministic backward (keys, a stable
+// sort as the host does, gather). Float,
 // double and bf16 values (tests/cpp/host_bf16.h standing in for c10::BFloat16, with fp32 locations:
 // the GPU's main path, 8 channels per 16-byte load), 1 to 8 channels per lane, both sample orders,
 // lanes per group from 1 to 32, locations partly outside every level, and block sizes of 64 and 256
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <type_traits>
@@ -115,6 +117,21 @@ static void run_case(const Problem& pr, int head_major, unsigned block) {
       msda_forward_kernel<V, C, VEC>(value.data(), shapes.data(), starts.data(), loc.data(), attn.data(), out_k.data(), k);
     });
     expect_close("forward", out_k, out, tol_v, tag);
+    // The located-once-per-group variant (every lane owning at most one chunk): same additions in
+    // the same order, so bitwise the same output.
+    if (k.chunks <= k.G) {
+      std::vector<V> out_b(out.size(), V(-9.0f));
+      cuda_emu::launch(dim3(unsigned((threads + block - 1) / block)), dim3(block), [&] {
+        msda_forward_bcast_kernel<V, C, VEC>(value.data(), shapes.data(), starts.data(), loc.data(), attn.data(),
+                                             out_b.data(), k);
+      });
+      bool same = true;
+      for (size_t j = 0; j < out_b.size(); ++j) same = same && std::memcmp(&out_b[j], &out_k[j], sizeof(V)) == 0;
+      if (!same) {
+        std::printf("%s forward, located once per group: not bitwise equal to msda_forward_kernel\n", tag);
+        ++failures;
+      }
+    }
   }
   // --- atomic backward: grad_value scatter + grad_loc / grad_attn ---------------------------------------
   {
