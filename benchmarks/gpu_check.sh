@@ -13,7 +13,7 @@
 #              attention's fused-kernel test (tests/model/test_vit_attention.py), junit -> $OUT/junit_ops.xml
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py (both ops, CUDA and
 #              Triton kernels), a second pass with DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1
-#              DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4
+#              DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4 DBSAM_CA_FUSED_GRAD=1
 #   racecheck  compute-sanitizer --tool racecheck on the same script (CUDA kernels; again with DBSAM_CA_VEC=4)
 #   bench_msda, bench_ca, then profile (benchmarks/profile_ops.py: per-kernel CUDA time of one
 #              fwd+bwd of each op, ours and the peers'), ab (benchmarks/ab_order.py: the kernels'
@@ -188,11 +188,11 @@ sanitizer() {  # sanitizer TOOL [TAG [ARGS...]]: TAG names the raw log of a seco
 # The second pass covers the 8-byte-load MSDA forward (the default pass: 16-byte forward, 8-byte
 # atomic backward; read once per process), the opt-in bf16/fp16 grad_value atomics, the forward
 # that locates each point once per group (at 8-byte loads) and the adapter's kernels at four
-# channels per thread (8- and 16-byte accesses, a partial channel block at C = 24).
-step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4 sanitizer memcheck _8B; }
+# channels per thread (8- and 16-byte accesses, a partial channel block at C = 24) with the fused grad.
+step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 DBSAM_MSDA_FWD_BCAST=1 DBSAM_CA_VEC=4 DBSAM_CA_FUSED_GRAD=1 sanitizer memcheck _8B; }
 # racecheck: our CUDA kernels only (sanitize_case.py --cuda-only says why); the second pass with four
 # channels per thread in the adapter's kernels (their shared-memory row sums change with it).
-step_racecheck() { sanitizer racecheck "" --cuda-only && DBSAM_CA_VEC=4 sanitizer racecheck _vec4 --cuda-only; }
+step_racecheck() { sanitizer racecheck "" --cuda-only && DBSAM_CA_VEC=4 DBSAM_CA_FUSED_GRAD=1 sanitizer racecheck _vec4 --cuda-only; }
 
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
 step_exit_probe() { "$PYTHON" benchmarks/exit_probe.py --runs 4; }

@@ -81,13 +81,16 @@ def channel_attention_cases():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     shape = (8, 64, 64, 768)
     for dtype in (torch.bfloat16, torch.float32):
-        # cuda_vec2: the CUDA op with two channels per thread in its [B,H,W,C] kernels (DBSAM_CA_VEC=2,
-        # read at every call, so it is set around the whole profile).
-        for impl in ("cuda", "cuda_vec2", "triton", "eager_nchw"):
+        # cuda_vec2 / cuda_fusedgrad: the CUDA op with two channels per thread (DBSAM_CA_VEC=2) / the
+        # grad at the DW output formed in the transposed-DW kernel (DBSAM_CA_FUSED_GRAD=1); both are
+        # read at every call, so they are set around the whole profile.
+        for impl in ("cuda", "cuda_vec2", "cuda_fusedgrad", "triton", "eager_nchw"):
+            os.environ.pop("DBSAM_CA_VEC", None)
+            os.environ.pop("DBSAM_CA_FUSED_GRAD", None)
             if impl == "cuda_vec2":
                 os.environ["DBSAM_CA_VEC"] = "2"
-            else:
-                os.environ.pop("DBSAM_CA_VEC", None)
+            elif impl == "cuda_fusedgrad":
+                os.environ["DBSAM_CA_FUSED_GRAD"] = "1"
             model = _build(impl, shape, dtype)
             x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
             g = torch.randn_like(x)
@@ -98,6 +101,7 @@ def channel_attention_cases():
             _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
                      gemm_shapes=impl == "cuda")
         os.environ.pop("DBSAM_CA_VEC", None)
+        os.environ.pop("DBSAM_CA_FUSED_GRAD", None)
 
 
 def msda_cases():

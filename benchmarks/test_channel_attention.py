@@ -3,8 +3,9 @@
     pytest benchmarks/test_channel_attention.py --benchmark-only [--benchmark-json out.json]
 
 GPU: (B, 64, 64, C) for B in 1, 8 and C in 768 (ViT-B) and 1024 (ViT-L), bf16 and fp32, forward and
-forward+backward, for every available dbsam backend (and, at B = 8, the CUDA op with 2 and 4 channels
-per thread: `cuda_vec2`, `cuda_vec4`, DBSAM_CA_VEC), against eager PyTorch written NCHW as the
+forward+backward, for every available dbsam backend (and, at B = 8, the CUDA op's variants: 2 and 4
+channels per thread, `cuda_vec2`, `cuda_vec4`, DBSAM_CA_VEC; the fused grad, `cuda_fusedgrad`,
+DBSAM_CA_FUSED_GRAD), against eager PyTorch written NCHW as the
 original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager channels-last (the reference
 composition), and torch.compile(mode="max-autotune") of the eager composition (compiles once per
 shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file
@@ -89,11 +90,12 @@ def _backend_impls():
     return names
 
 
-# A/B rows of the CUDA op with 2 or 4 channels per thread in its [B,H,W,C] kernels (DBSAM_CA_VEC;
-# the default is 1 until these rows show a winner), at B = 8 only.
+# A/B rows of the CUDA op at B = 8 only: 2 or 4 channels per thread in its [B,H,W,C] kernels
+# (DBSAM_CA_VEC; the default is 1), and the grad at the DW output formed inside the transposed-DW
+# kernel (DBSAM_CA_FUSED_GRAD=1; the default writes it in a separate pass), until they show a winner.
 _no_cuda = _backends.why_not("channel_attention", "cuda", torch.device(DEVICE)) if ON_GPU else "needs a GPU"
-VEC_IMPLS = [pytest.param(f"cuda_vec{v}", marks=pytest.mark.skipif(bool(_no_cuda), reason=_no_cuda or ""))
-             for v in (2, 4)]
+VEC_IMPLS = [pytest.param(name, marks=pytest.mark.skipif(bool(_no_cuda), reason=_no_cuda or ""))
+             for name in ("cuda_vec2", "cuda_vec4", "cuda_fusedgrad")]
 IMPLS = _backend_impls() + VEC_IMPLS + ["eager_nchw", "eager_channels_last", pytest.param(
     "compile_max_autotune",
     marks=pytest.mark.skipif(not ON_GPU, reason="torch.compile max-autotune is benchmarked on GPU only"))]
@@ -117,8 +119,8 @@ def _build(impl, shape, dtype):
     base = ChannelAttention(C).to(DEVICE, dtype)
     if impl in _backends.BACKENDS:
         return _Dispatch(base, impl)
-    if impl.startswith("cuda_vec"):
-        return _Dispatch(base, "cuda")  # the test sets DBSAM_CA_VEC
+    if impl.startswith("cuda_"):
+        return _Dispatch(base, "cuda")  # the test sets DBSAM_CA_VEC or DBSAM_CA_FUSED_GRAD
     eager = EagerNCHW(C, base.se.fc1.weight.shape[0]).to(DEVICE, dtype)
     eager.load_state_dict(base.state_dict(), strict=False)
     if impl == "eager_nchw":
@@ -153,10 +155,13 @@ def same_fp32_math():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_channel_attention(benchmark, shape, dtype, mode, impl, monkeypatch):
-    if impl.startswith("cuda_vec"):
+    if impl.startswith("cuda_"):
         if shape[0] != 8:
-            pytest.skip("the channels-per-thread A/B rows run at B = 8 only")
-        monkeypatch.setenv("DBSAM_CA_VEC", impl[len("cuda_vec"):])
+            pytest.skip("the CUDA variants' A/B rows run at B = 8 only")
+        if impl == "cuda_fusedgrad":
+            monkeypatch.setenv("DBSAM_CA_FUSED_GRAD", "1")
+        else:
+            monkeypatch.setenv("DBSAM_CA_VEC", impl[len("cuda_vec"):])
     model = _build(impl, shape, dtype)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     B, H, W, C = shape

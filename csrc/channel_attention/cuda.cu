@@ -15,11 +15,12 @@
 // Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
 //   gated_act (v = GELU(pre) * gate), two GEMMs (grad_pw from v, gv = grad at the gated
 //   activations), chan_dot_gelu (per-channel sums of gv * GELU(pre), for the SE backward), the SE
-//   backward in ATen, dw_backward (the grad at pre formed on the fly from gv, pre, the gate and the
-//   pooled-mean gradient; transposed DW; grad_dw and LN-affine partial sums per block, deterministic),
-//   ln_backward (one warp per pixel, + residual). Until 2026-11-27 the backward recomputed the DW conv
-//   (214 us at 8x64x64x768 bf16 on the H100) and wrote/read an fp32 grad map in a separate pass
-//   (145 us); saving pre costs one [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
+//   backward (small_mm_kernel for its products), grad_pre (the grad at the DW output from gv, pre, the
+//   gate and the pooled-mean gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and
+//   LN-affine partial sums per block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW
+//   output inside it instead), ln_backward (one warp per pixel, + residual). Until 2026-11-27 the
+//   backward recomputed the DW conv (214 us at 8x64x64x768 bf16 on the H100) and gated u in a separate
+//   multiply (73 us); saving pre costs one [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
 //
 // The [B,H,W,C] kernels are in kernels.cuh (CPU-tested under tests/cpp/cuda_emulation.h), templated
 // on VEC channels per thread (pick_vec, DBSAM_CA_VEC). Current stream, device guard, 64-bit offsets
@@ -152,6 +153,15 @@ int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs
   };
   while (vec > 1 && !fits(vec)) vec /= 2;
   return vec;
+}
+
+// DBSAM_CA_FUSED_GRAD=1: the transposed-DW kernel forms the grad at the DW output itself from gv and
+// the saved pre (no grad_pre pass, no fp32 map, GELU' three times per pixel); unset, grad_pre_kernel
+// writes that grad once and dw_backward_kernel reads it, as the kernels measured on the H100 did.
+// Read at every call, like DBSAM_CA_VEC: an A/B knob until a GPU run decides (kernels.cuh).
+bool fused_grad() {
+  const char* e = std::getenv("DBSAM_CA_FUSED_GRAD");
+  return e != nullptr && e[0] == '1' && e[1] == '\0';
 }
 
 // f(std::integral_constant<int, VEC>) for the VEC picked at run time (1 only for double).
@@ -325,17 +335,34 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
   auto gx = at::empty_like(xc);
+  const bool fused = fused_grad();
+  at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
+  if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
   if (P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       with_vec<scalar_t>(vec_gv, [&](auto V) {
         constexpr int VEC = decltype(V)::value;
-        dw_backward_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
-            acc_t(1) / acc_t(HW), xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(),
-            w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), gn.data_ptr<acc_t>(),
-            partials.data_ptr<acc_t>(), H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const acc_t inv_hw = acc_t(1) / acc_t(HW);
+        if (fused) {
+          dw_backward_kernel<scalar_t, acc_t, VEC, true><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+              nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
+              gp.data_ptr<acc_t>(), inv_hw, xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
+              rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(),
+              gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          const int64_t total = P * d.C;
+          grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(total / VEC, 256), 256, 0, stream>>>(
+              gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
+              gd.data_ptr<acc_t>(), total, HW * d.C, C, inv_hw);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+              gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
+              mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(),
+              w.wt.data_ptr<acc_t>(), gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
       });
       with_vec<scalar_t>(vec, [&](auto V) {
         constexpr int VEC = decltype(V)::value;

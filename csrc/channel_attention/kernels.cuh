@@ -110,10 +110,26 @@ __device__ __forceinline__ void ln_column(const scalar_t* __restrict__ x, const 
   }
 }
 
+// The grad at the DW output (before GELU), as grad_pre_kernel wrote it, of column jj, rows i-1, i,
+// i+1, of VEC channels from c; 0 off the map.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t b, int i, int jj, int H, int W,
+                                          int C, int c, acc_t (&col)[3][VEC]) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    const int ii = i + r - 1;
+    if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
+      load_vec<VEC>(gd + ((b * H + ii) * W + jj) * C + c, col[r]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) col[r][k] = acc_t(0);
+    }
+  }
+}
+
 // The grad at the DW output (before GELU) of column jj, rows i-1, i, i+1, of VEC channels from c,
-// computed where it is read: (gv * s + gp / HW) * GELU'(pre), with sb = s[b, c..], gpb = gp[b, c..] /
-// HW. 0 off the map. (This is where the backward's separate grad_pre pass, and the fp32 map it wrote
-// and the transposed DW read back, went.)
+// computed where it is read (the fused variant): (gv * s + gp / HW) * GELU'(pre), with sb = s[b, c..],
+// gpb = gp[b, c..] / HW. 0 off the map.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void grad_pre_column(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
                                                 const acc_t (&sb)[VEC], const acc_t (&gpb)[VEC], int64_t b, int i,
@@ -250,19 +266,44 @@ __global__ void gated_act_kernel(const scalar_t* __restrict__ pre, const acc_t* 
   }
 }
 
-// Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
-// grad_ln_weight, grad_ln_bias, from gv (the grad at the gated activations), the saved pre, the gate
-// s [B, C] and gp [B, C] (the grad at the pooled means): the grad at the DW output is formed on the
-// fly (grad_pre_column). grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
-// Two blocks per SM up to VEC = 2 (ptxas sm_90 wanted 143 registers at VEC = 2, which leaves one
-// 256-thread block per SM: 8 warps to hide the window loads); VEC = 4 keeps its ~216 unconstrained.
+// gd = (gv * s[b] + gp[b] / HW) * GELU'(pre), written to an acc_t map for dw_backward_kernel
+// (FUSED = false), VEC elements (one pixel's channels) per step.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
-                                   const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw,
-                                   const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                   const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
-                                   const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
-                                   acc_t* __restrict__ gn_out, acc_t* __restrict__ partials, int H, int W, int C) {
+__global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t* __restrict__ gd,
+                                int64_t total, int64_t HWC, int C, acc_t inv_hw) {
+  const int64_t groups = total / VEC;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups;
+       gi += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = gi * VEC;
+    const int64_t bc = (idx / HWC) * C + idx % C;
+    acc_t gvv[VEC], pv[VEC], out[VEC];
+    load_vec<VEC>(gv + idx, gvv);
+    load_vec<VEC>(pre + idx, pv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = (gvv[k] * s[bc + k] + gp[bc + k] * inv_hw) * gelu_grad(pv[k]);
+    store_vec<VEC>(gd + idx, out);
+  }
+}
+
+// Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
+// grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY). The grad at the
+// DW output comes either from gd, the map grad_pre_kernel wrote (FUSED = false, the default), or is
+// formed where the window loads it from gv (the grad at the gated activations), the saved pre, the
+// gate s [B, C] and gp [B, C] (FUSED = true, DBSAM_CA_FUSED_GRAD=1). Fusing saves grad_pre's pass
+// and the fp32 map, but every gd value enters three rows' windows, so GELU' is evaluated three times
+// per pixel: ptxas sm_90 (bf16) puts the fused loop at 394 instructions per output against 112 for
+// this kernel plus 122 for grad_pre's per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which
+// is faster depends on how far the kernels are from issue-bound: the GPU A/B decides.
+// Two blocks per SM up to VEC = 2 (the fused variant wanted 143 registers at VEC = 2, which leaves
+// one 256-thread block per SM: 8 warps to hide the window loads); VEC = 4 keeps its ~216.
+template <typename scalar_t, typename acc_t, int VEC, bool FUSED>
+__global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(
+    const acc_t* __restrict__ gd, const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+    const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw, const scalar_t* __restrict__ x,
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
+    const acc_t* __restrict__ bta, const acc_t* __restrict__ wt, acc_t* __restrict__ gn_out,
+    acc_t* __restrict__ partials, int H, int W, int C) {
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i = blockIdx.y;
   const int64_t b = blockIdx.z;
@@ -272,21 +313,30 @@ __global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(
   if (c < C && j0 < j1) {
     acc_t w[9][VEC], gc[VEC], bc[VEC], sb[VEC], gpb[VEC];
     channel_params(wt, g, bta, C, c, w, gc, bc);
+    if constexpr (FUSED) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      sb[k] = s[b * C + c + k];
-      gpb[k] = gp[b * C + c + k] * inv_hw;
+      for (int k = 0; k < VEC; ++k) {
+        sb[k] = s[b * C + c + k];
+        gpb[k] = gp[b * C + c + k] * inv_hw;
+      }
     }
+    auto grad_column = [&](int jj, acc_t(&col)[3][VEC]) {
+      if constexpr (FUSED) {
+        grad_pre_column(gv, pre, sb, gpb, b, i, jj, H, W, C, c, col);
+      } else {
+        gd_column(gd, b, i, jj, H, W, C, c, col);
+      }
+    };
     // The same column walk as dw_gelu_kernel, with two windows: the grad at the DW output (gd) and
     // the LN values, [column j-1, j, j+1][row i-1, i, i+1][channel]. Before the walk: 721 us per call
     // at 8x64x64x768 bf16 on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel; after, 343.
     acc_t gwin[3][3][VEC], lwin[3][3][VEC];
-    grad_pre_column(gv, pre, sb, gpb, b, i, j0 - 1, H, W, C, c, gwin[0]);
-    grad_pre_column(gv, pre, sb, gpb, b, i, j0, H, W, C, c, gwin[1]);
+    grad_column(j0 - 1, gwin[0]);
+    grad_column(j0, gwin[1]);
     ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
     ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, lwin[1]);
     for (int j = j0; j < j1; ++j) {
-      grad_pre_column(gv, pre, sb, gpb, b, i, j + 1, H, W, C, c, gwin[2]);
+      grad_column(j + 1, gwin[2]);
       ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, lwin[2]);
       const int64_t p = (b * H + i) * W + j;
       const acc_t mu = mean[p], rs = rstd[p];

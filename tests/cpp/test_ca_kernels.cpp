@@ -157,19 +157,42 @@ static void run_case(int B, int H, int W, int C) {
       gg[c] += gn[p * C + c] * xhat[p * C + c];
       gb[c] += gn[p * C + c];
     }
-  cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_backward_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), A(inv_hw), x.data(), mean.data(),
-                                  rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(), partials.data(), H, W, C);
+  // Both ways to the grad at pre: grad_pre_kernel's map read by dw_backward (the default), and formed
+  // inside dw_backward (FUSED, DBSAM_CA_FUSED_GRAD=1).
+  std::vector<A> gd_k(N, A(-7));
+  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128), [&] {
+    grad_pre_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), gd_k.data(), N, HWC, C, A(inv_hw));
   });
-  expect_close("dw_backward gn", gn_k, gn, tol, tag);
-  std::vector<A> red(11 * C, A(0));
-  for (int64_t r = 0; r < int64_t(B) * H; ++r)
-    for (int q = 0; q < 11 * C; ++q) red[q] += partials[r * 11 * C + q];
-  std::vector<A> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
-      red_b(red.begin() + 10 * C, red.end());
-  expect_close("dw_backward grad_dw", red_dw, gdw, 10 * tol, tag);
-  expect_close("dw_backward grad_ln_weight", red_g, gg, 10 * tol, tag);
-  expect_close("dw_backward grad_ln_bias", red_b, gb, 10 * tol, tag);
+  expect_close("grad_pre", gd_k, gd, tol, tag);
+  for (bool fused : {false, true}) {
+    std::fill(gn_k.begin(), gn_k.end(), A(-7));
+    cuda_emu::launch(tiles, dim3(TX, TY), [&] {
+      if (fused) {
+        dw_backward_kernel<S, A, VEC, true>(nullptr, gv.data(), pre_k.data(), s.data(), gp.data(), A(inv_hw), x.data(),
+                                            mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(),
+                                            partials.data(), H, W, C);
+      } else {
+        dw_backward_kernel<S, A, VEC, false>(gd_k.data(), nullptr, nullptr, nullptr, nullptr, A(inv_hw), x.data(),
+                                             mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(),
+                                             partials.data(), H, W, C);
+      }
+    });
+    const char* how = fused ? "dw_backward (fused)" : "dw_backward";
+    char what[64];
+    std::snprintf(what, sizeof what, "%s gn", how);
+    expect_close(what, gn_k, gn, tol, tag);
+    std::vector<A> red(11 * C, A(0));
+    for (int64_t r = 0; r < int64_t(B) * H; ++r)
+      for (int q = 0; q < 11 * C; ++q) red[q] += partials[r * 11 * C + q];
+    std::vector<A> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
+        red_b(red.begin() + 10 * C, red.end());
+    std::snprintf(what, sizeof what, "%s grad_dw", how);
+    expect_close(what, red_dw, gdw, 10 * tol, tag);
+    std::snprintf(what, sizeof what, "%s grad_ln_weight", how);
+    expect_close(what, red_g, gg, 10 * tol, tag);
+    std::snprintf(what, sizeof what, "%s grad_ln_bias", how);
+    expect_close(what, red_b, gb, 10 * tol, tag);
+  }
 
   // --- ln_backward (+ residual) ------------------------------------------------------------------------------
   std::vector<S> gy = rand_s(N), gx_k(N);

@@ -69,6 +69,22 @@ def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     assert rel_err(channel_attention(x_odd, *ws, backend="cuda"), channel_attention(x, *ws, backend="cuda")) < tol
 
 
+@pytest.mark.parametrize("vec", ["1", "2", "4"])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_grad(shape, dtype, vec, monkeypatch):
+    """DBSAM_CA_FUSED_GRAD=1 (read at every call): the transposed-DW kernel forms the grad at the DW
+    output itself instead of reading grad_pre_kernel's map. Same tolerances as the default path."""
+    monkeypatch.setenv("DBSAM_CA_FUSED_GRAD", "1")
+    monkeypatch.setenv("DBSAM_CA_VEC", vec)
+    y, grads, yr, gr, ins = _run(shape, dtype)
+    tol, gtol = TOL[dtype]
+    assert rel_err(y, yr) < tol
+    for g, r in zip(grads, gr):
+        assert rel_err(g, r) < gtol
+
+
 def test_cuda_saves_one_map_for_backward():
     """bf16 at 8x64x64x768, the adapter goal's shape: one map in x's dtype plus statistics, at most a
     third of what the eager composition keeps (the reference backend, which runs bf16 in float32,
