@@ -352,10 +352,9 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
               gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
-          const int64_t total = P * d.C;
-          grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(total / VEC, 256), 256, 0, stream>>>(
+          grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
               gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
-              gd.data_ptr<acc_t>(), total, HW * d.C, C, inv_hw);
+              gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
               gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),

@@ -160,8 +160,9 @@ static void run_case(int B, int H, int W, int C) {
   // Both ways to the grad at pre: grad_pre_kernel's map read by dw_backward (the default), and formed
   // inside dw_backward (FUSED, DBSAM_CA_FUSED_GRAD=1).
   std::vector<A> gd_k(N, A(-7));
-  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128), [&] {
-    grad_pre_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), gd_k.data(), N, HWC, C, A(inv_hw));
+  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((P + WARPS - 1) / WARPS, 3))), dim3(32, WARPS), [&] {  // grid-stride
+    grad_pre_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), gp.data(), gd_k.data(), P, int64_t(H) * W, C,
+                               A(inv_hw));
   });
   expect_close("grad_pre", gd_k, gd, tol, tag);
   for (bool fused : {false, true}) {
