@@ -47,6 +47,17 @@ def test_cuda_parity(shape, dtype):
         assert rel_err(g, r) < gtol
 
 
+def _check_against_float64(shape, dtype):
+    """Output and every gradient within the dtype's tolerance of the float64 reference; returns the
+    output tolerance."""
+    y, grads, yr, gr, _ = _run(shape, dtype)
+    tol, gtol = TOL[dtype]
+    assert rel_err(y, yr) < tol
+    for g, r in zip(grads, gr):
+        assert rel_err(g, r) < gtol
+    return tol
+
+
 @pytest.mark.parametrize("vec", ["2", "4"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (1, 5, 9, 30, 8), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -56,11 +67,7 @@ def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     widest that divides C (30: 2; C odd would be 1). Same tolerances as the default layout; the
     kernels themselves are also checked on the CPU, under emulation (tests/cpp/test_ca_kernels.cpp)."""
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
-    y, grads, yr, gr, ins = _run(shape, dtype)
-    tol, gtol = TOL[dtype]
-    assert rel_err(y, yr) < tol
-    for g, r in zip(grads, gr):
-        assert rel_err(g, r) < gtol
+    tol = _check_against_float64(shape, dtype)
     # An input view whose offset breaks the wider alignment still runs (falls back to VEC = 1).
     x, ws = make_inputs(*shape, dtype=dtype, device="cuda")
     flat = torch.cat([torch.zeros(1, dtype=dtype, device="cuda"), x.reshape(-1)])
@@ -78,11 +85,7 @@ def test_cuda_fused_grad(shape, dtype, vec, monkeypatch):
     output itself instead of reading grad_pre_kernel's map. Same tolerances as the default path."""
     monkeypatch.setenv("DBSAM_CA_FUSED_GRAD", "1")
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
-    y, grads, yr, gr, ins = _run(shape, dtype)
-    tol, gtol = TOL[dtype]
-    assert rel_err(y, yr) < tol
-    for g, r in zip(grads, gr):
-        assert rel_err(g, r) < gtol
+    _check_against_float64(shape, dtype)
 
 
 def test_cuda_saves_one_map_for_backward():
