@@ -192,26 +192,21 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
     const Launch lc = launch_for(k.total * k.G);
     const bool bcast = fast && forward_bcast() && k.chunks <= k.G &&
                        d.S * d.M * d.D <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+    // Every forward kernel takes the same arguments; only the variant and VEC differ.
+    auto run = [&](auto kernel) {
+      kernel<<<lc.grid, lc.block, 0, stream>>>(vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                                               loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), op, k);
+    };
     if (bcast && half) {
-      msda_forward_bcast_kernel<scalar_t, coord_t, VH><<<lc.grid, lc.block, 0, stream>>>(
-          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-          attn.data_ptr<coord_t>(), op, k);
+      run(msda_forward_bcast_kernel<scalar_t, coord_t, VH>);
     } else if (bcast) {
-      msda_forward_bcast_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
-          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-          attn.data_ptr<coord_t>(), op, k);
+      run(msda_forward_bcast_kernel<scalar_t, coord_t, V>);
     } else if (half) {
-      msda_forward_kernel<scalar_t, coord_t, VH><<<lc.grid, lc.block, 0, stream>>>(
-          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-          attn.data_ptr<coord_t>(), op, k);
+      run(msda_forward_kernel<scalar_t, coord_t, VH>);
     } else if (fast) {
-      msda_forward_kernel<scalar_t, coord_t, V><<<lc.grid, lc.block, 0, stream>>>(
-          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-          attn.data_ptr<coord_t>(), op, k);
+      run(msda_forward_kernel<scalar_t, coord_t, V>);
     } else {
-      msda_forward_kernel<scalar_t, coord_t, 1><<<lc.grid, lc.block, 0, stream>>>(
-          vp, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-          attn.data_ptr<coord_t>(), op, k);
+      run(msda_forward_kernel<scalar_t, coord_t, 1>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
