@@ -298,9 +298,8 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
       using acc_t = at::opmath_type<scalar_t>;
       with_vec<scalar_t>(vec, [&](auto V) {
         constexpr int VEC = decltype(V)::value;
-        const int64_t total = P * d.C;
-        gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(total / VEC, 256), 256, 0, stream>>>(
-            prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), total, HW * d.C, C);
+        gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
+            prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), P, HW, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

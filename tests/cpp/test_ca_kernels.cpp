@@ -112,9 +112,8 @@ static void run_case(int B, int H, int W, int C) {
   const int64_t HWC = int64_t(H) * W * C;
   std::vector<double> v(N);
   for (int64_t k = 0; k < N; ++k) v[k] = gelu_d(double(pre_k[k])) * s[(k / HWC) * C + k % C];
-  const int64_t groups = N / VEC;
-  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((groups + 127) / 128, 3))), dim3(128),
-                   [&] { gated_act_kernel<S, A, VEC>(pre_k.data(), s.data(), v_k.data(), N, HWC, C); });
+  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((P + WARPS - 1) / WARPS, 3))), dim3(32, WARPS),  // grid-stride
+                   [&] { gated_act_kernel<S, A, VEC>(pre_k.data(), s.data(), v_k.data(), P, int64_t(H) * W, C); });
   expect_close("gated_act", v_k, v, tol_s, tag);
 
   // --- chan_dot_gelu: per (image, row) sums of gv * GELU(pre) ------------------------------------------------
