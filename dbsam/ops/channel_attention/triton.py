@@ -129,8 +129,8 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
     block_w, block_c = _tiles(W, C)
     nwb = triton_cdiv(W, block_w)
     # The DW output is saved (pre); GELU is recomputed from it, the DW conv is not.
-    dpre = pre.to(torch.float32).contiguous()
-    dpre = dpre.clone() if dpre.data_ptr() == pre.data_ptr() else dpre  # grad_pre_kernel writes it in place
+    # A float32 copy (never pre itself, which autograd saved): grad_pre_kernel writes it in place.
+    dpre = pre.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     u = F.gelu(dpre).to(x.dtype)
     a = pooled @ w1.t()
     h = F.gelu(a)

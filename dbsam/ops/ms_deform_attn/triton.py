@@ -291,15 +291,21 @@ def _msda_bwd_kernel(grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, a
 _MAX_BLOCK_Q = 128
 
 
+# SMs assumed where the device cannot be asked (tracing with fake CUDA tensors on a host without a
+# GPU): the H100's.
+_DEFAULT_SMS = 132
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     try:
         return torch.cuda.get_device_properties(device_index).multi_processor_count
-    except Exception:  # tracing with fake CUDA tensors on a host without a GPU: the H100's count
-        return 132
+    except Exception:
+        return _DEFAULT_SMS
 
 
-def _fixed_config(D: int, LP: int, interpret: bool, work: Optional[int] = None, sms: int = 132) -> Dict[str, int]:
+def _fixed_config(D: int, LP: int, interpret: bool, work: Optional[int] = None,
+                  sms: int = _DEFAULT_SMS) -> Dict[str, int]:
     """work: the launch's (batch, query, head) count, N * M * Lq (None: not known)."""
     if interpret:
         # The interpreter's cost is per block operation, not per element: fewer, wider programs.
@@ -418,7 +424,7 @@ def _launch(kind: str, tensors: Tuple[torch.Tensor, ...], Lq: int, S: int, M: in
     # on cuda:1 with cuda:0 current must still work); the stream is torch's current one. Not while
     # tracing (fake tensors, e.g. torch.compile/export on a host without a GPU): nothing launches.
     guard = device.type == "cuda" and not interpret and not is_fake(tensors[0])
-    sms = _sm_count(device.index if device.index is not None else 0) if guard else 132
+    sms = _sm_count(device.index if device.index is not None else 0) if guard else _DEFAULT_SMS
     with torch.cuda.device(device) if guard else contextlib.nullcontext():
         _launch_on_device(kind, ks, args, Lq, M, D, LP, N, block_d, interpret, acc_fp64, sms)
 
