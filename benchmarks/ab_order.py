@@ -26,6 +26,17 @@ CASES = {
 }
 
 
+# One child process per row (the kernels read their knobs once per process); {} is the default.
+ROWS = (
+    {"DBSAM_MSDA_ORDER": "query"}, {"DBSAM_MSDA_ORDER": "head"}, {},
+    # fp16/bf16 with one load width forced on both directions
+    {"DBSAM_MSDA_LOAD_BYTES": "8"}, {"DBSAM_MSDA_LOAD_BYTES": "16"},
+    # opt-ins: grad_value added straight in bf16/fp16; the forward that locates each point once per group
+    {"DBSAM_MSDA_LOWP_ATOMICS": "1"}, {"DBSAM_MSDA_FWD_BCAST": "1"},
+)
+KNOBS = sorted({knob for row in ROWS for knob in row})
+
+
 def child() -> None:
     import torch
 
@@ -83,25 +94,9 @@ def main() -> int:
         child()
         return 0
     rc = 0
-    # (sample order, load bytes); None = the default. The last rows: fp16/bf16 with one load width
-    # forced on both directions.
-    # Then grad_value added straight in bf16/fp16 (DBSAM_MSDA_LOWP_ATOMICS=1, opt-in), and the forward
-    # that locates each point once per group (DBSAM_MSDA_FWD_BCAST=1, opt-in; forward rows only).
-    for order, load_bytes, lowp, bcast in (("query", None, False, False), ("head", None, False, False),
-                                           (None, None, False, False), (None, "8", False, False),
-                                           (None, "16", False, False), (None, None, True, False),
-                                           (None, None, False, True)):
-        env = dict(os.environ)
-        for knob in ("DBSAM_MSDA_ORDER", "DBSAM_MSDA_LOAD_BYTES", "DBSAM_MSDA_LOWP_ATOMICS", "DBSAM_MSDA_FWD_BCAST"):
-            env.pop(knob, None)
-        if order:
-            env["DBSAM_MSDA_ORDER"] = order
-        if load_bytes:
-            env["DBSAM_MSDA_LOAD_BYTES"] = load_bytes
-        if lowp:
-            env["DBSAM_MSDA_LOWP_ATOMICS"] = "1"
-        if bcast:
-            env["DBSAM_MSDA_FWD_BCAST"] = "1"
+    for row in ROWS:
+        env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+        env.update(row)
         rc |= subprocess.call([sys.executable, os.path.abspath(__file__), "--child"], env=env)
     return rc
 
