@@ -76,21 +76,19 @@ def channel_attention_cases():
     # The benchmark's own builders (benchmarks/test_channel_attention.py), so each profile is of
     # exactly what a benchmark row times: our CUDA and Triton ops, and eager PyTorch written NCHW
     # (the baseline of #4's goal). fp32 with TF32 off everywhere, as the benchmark runs it.
-    from test_channel_attention import _build
+    from test_channel_attention import CUDA_VARIANTS, _build
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     shape = (8, 64, 64, 768)
     for dtype in (torch.bfloat16, torch.float32):
-        # cuda_vec2 / cuda_fusedgrad: the CUDA op with two channels per thread (DBSAM_CA_VEC=2) / the
-        # grad at the DW output formed in the transposed-DW kernel (DBSAM_CA_FUSED_GRAD=1); both are
-        # read at every call, so they are set around the whole profile.
+        # cuda_vec2 / cuda_fusedgrad: the CUDA op with two channels per thread / the grad at the DW
+        # output formed in the transposed-DW kernel; their knobs (CUDA_VARIANTS) are read at every
+        # call, so they are set around the whole profile.
+        knobs = {knob for variant in CUDA_VARIANTS.values() for knob in variant}
         for impl in ("cuda", "cuda_vec2", "cuda_fusedgrad", "triton", "eager_nchw"):
-            os.environ.pop("DBSAM_CA_VEC", None)
-            os.environ.pop("DBSAM_CA_FUSED_GRAD", None)
-            if impl == "cuda_vec2":
-                os.environ["DBSAM_CA_VEC"] = "2"
-            elif impl == "cuda_fusedgrad":
-                os.environ["DBSAM_CA_FUSED_GRAD"] = "1"
+            for knob in knobs:
+                os.environ.pop(knob, None)
+            os.environ.update(CUDA_VARIANTS.get(impl, {}))
             model = _build(impl, shape, dtype)
             x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
             g = torch.randn_like(x)
@@ -100,8 +98,8 @@ def channel_attention_cases():
 
             _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
                      gemm_shapes=impl == "cuda")
-        os.environ.pop("DBSAM_CA_VEC", None)
-        os.environ.pop("DBSAM_CA_FUSED_GRAD", None)
+        for knob in knobs:
+            os.environ.pop(knob, None)
 
 
 def msda_cases():

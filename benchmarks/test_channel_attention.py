@@ -93,10 +93,13 @@ def _backend_impls():
 # A/B rows of the CUDA op at B = 8 only: 2 or 4 channels per thread in its [B,H,W,C] kernels
 # (DBSAM_CA_VEC; the default is 1), and the grad at the DW output formed inside the transposed-DW
 # kernel (DBSAM_CA_FUSED_GRAD=1; the default writes it in a separate pass), until they show a winner.
+# Each variant is the CUDA op run with these knobs set (profile_ops.py uses the same table).
+CUDA_VARIANTS = {"cuda_vec2": {"DBSAM_CA_VEC": "2"}, "cuda_vec4": {"DBSAM_CA_VEC": "4"},
+                 "cuda_fusedgrad": {"DBSAM_CA_FUSED_GRAD": "1"}}
 _no_cuda = _backends.why_not("channel_attention", "cuda", torch.device(DEVICE)) if ON_GPU else "needs a GPU"
-VEC_IMPLS = [pytest.param(name, marks=pytest.mark.skipif(bool(_no_cuda), reason=_no_cuda or ""))
-             for name in ("cuda_vec2", "cuda_vec4", "cuda_fusedgrad")]
-IMPLS = _backend_impls() + VEC_IMPLS + ["eager_nchw", "eager_channels_last", pytest.param(
+VARIANT_IMPLS = [pytest.param(name, marks=pytest.mark.skipif(bool(_no_cuda), reason=_no_cuda or ""))
+                 for name in CUDA_VARIANTS]
+IMPLS = _backend_impls() + VARIANT_IMPLS + ["eager_nchw", "eager_channels_last", pytest.param(
     "compile_max_autotune",
     marks=pytest.mark.skipif(not ON_GPU, reason="torch.compile max-autotune is benchmarked on GPU only"))]
 
@@ -119,8 +122,8 @@ def _build(impl, shape, dtype):
     base = ChannelAttention(C).to(DEVICE, dtype)
     if impl in _backends.BACKENDS:
         return _Dispatch(base, impl)
-    if impl.startswith("cuda_"):
-        return _Dispatch(base, "cuda")  # the test sets DBSAM_CA_VEC or DBSAM_CA_FUSED_GRAD
+    if impl in CUDA_VARIANTS:
+        return _Dispatch(base, "cuda")  # the caller sets the variant's knobs (CUDA_VARIANTS)
     eager = EagerNCHW(C, base.se.fc1.weight.shape[0]).to(DEVICE, dtype)
     eager.load_state_dict(base.state_dict(), strict=False)
     if impl == "eager_nchw":
@@ -155,13 +158,11 @@ def same_fp32_math():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_channel_attention(benchmark, shape, dtype, mode, impl, monkeypatch):
-    if impl.startswith("cuda_"):
+    if impl in CUDA_VARIANTS:
         if shape[0] != 8:
             pytest.skip("the CUDA variants' A/B rows run at B = 8 only")
-        if impl == "cuda_fusedgrad":
-            monkeypatch.setenv("DBSAM_CA_FUSED_GRAD", "1")
-        else:
-            monkeypatch.setenv("DBSAM_CA_VEC", impl[len("cuda_vec"):])
+        for knob, value in CUDA_VARIANTS[impl].items():
+            monkeypatch.setenv(knob, value)
     model = _build(impl, shape, dtype)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     B, H, W, C = shape
