@@ -54,19 +54,25 @@ def test_sdpa_matches_sam_float64(size, input_size, use_rel_pos):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_folded_scores_are_sams_scores():
-    """<q', k'> is SAM's score matrix, rel-pos and scale included, and the head width is padded to 8."""
+def sam_scores(attn, q, k, size):
+    """SAM's score matrix (B, heads, N, N) for q, k (B, heads, N, hd): scale, then its rel-pos terms."""
     from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
+    B, heads, N, hd = q.shape
+    flat_q, flat_k = q.reshape(B * heads, N, hd), k.reshape(B * heads, N, hd)
+    scores = add_decomposed_rel_pos((flat_q * attn.scale) @ flat_k.transpose(-2, -1), flat_q, attn.rel_pos_h,
+                                    attn.rel_pos_w, size, size)
+    return scores.reshape(B, heads, N, N)
+
+
+def test_folded_scores_are_sams_scores():
+    """<q', k'> is SAM's score matrix, rel-pos and scale included, and the head width is padded to 8."""
     attn = sam_attention()
     B, heads, (H, W), hd = 2, 4, (6, 5), 8
     q, k = torch.randn(2, B, heads, H * W, hd, dtype=torch.float64)
     q2, k2 = fold_rel_pos(q, k, attn.rel_pos_h, attn.rel_pos_w, (H, W), attn.scale)
     assert q2.shape[-1] == k2.shape[-1] == 24  # 8 + 6 + 5 = 19 -> 24
-    flat_q, flat_k = q.reshape(B * heads, H * W, hd), k.reshape(B * heads, H * W, hd)
-    ref = add_decomposed_rel_pos((flat_q * attn.scale) @ flat_k.transpose(-2, -1), flat_q, attn.rel_pos_h,
-                                 attn.rel_pos_w, (H, W), (H, W))
-    torch.testing.assert_close((q2 @ k2.transpose(-2, -1)).reshape(B * heads, H * W, H * W), ref)
+    torch.testing.assert_close(q2 @ k2.transpose(-2, -1), sam_scores(attn, q, k, (H, W)))
 
 
 @pytest.mark.parametrize("pad_value", [True, False], ids=["v-padded", "v-as-is"])
@@ -75,11 +81,7 @@ def test_value_width_either_way(pad_value):
     on a CPU the math fallback takes it): the same attention."""
     attn = sam_attention()
     q, k, v = torch.randn(3, 2, 4, 30, 8, dtype=torch.float64)
-    ref = ((q @ k.transpose(-2, -1)) * attn.scale).reshape(8, 30, 30)
-    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
-
-    ref = add_decomposed_rel_pos(ref, q.reshape(8, 30, 8), attn.rel_pos_h, attn.rel_pos_w, (6, 5), (6, 5))
-    ref = (ref.softmax(-1) @ v.reshape(8, 30, 8)).reshape(2, 4, 30, 8)
+    ref = sam_scores(attn, q, k, (6, 5)).softmax(-1) @ v
     out = rel_pos_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (6, 5), attn.scale, pad_value=pad_value)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
