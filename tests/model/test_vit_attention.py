@@ -36,7 +36,8 @@ def forward_and_grads(attn, x, impl):
     set_vit_attention(attn, impl)
     x = x.detach().requires_grad_()
     out = attn(x)
-    weights = torch.randn_like(out, generator=torch.Generator().manual_seed(7))  # not out.sum(): every output counts differently
+    # Random weights, not out.sum(): every output then counts differently in the gradients.
+    weights = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
     grads = torch.autograd.grad((out * weights).sum(), [x] + list(attn.parameters()))
     return out.detach(), grads
 
@@ -151,9 +152,11 @@ def test_compiles_in_one_graph():
     torch.testing.assert_close(out, attn(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SDPA kernels (flash, memory-efficient) need a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the fused SDPA kernels (flash, memory-efficient) need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(2, 64, 64, 768, 12, 64), (50, 14, 14, 768, 12, 14)], ids=["vitb-global", "vitb-window"])
+@pytest.mark.parametrize("shape", [(2, 64, 64, 768, 12, 64), (50, 14, 14, 768, 12, 14)],
+                         ids=["vitb-global", "vitb-window"])
 def test_gpu_uses_a_fused_kernel(shape, dtype):
     """At ViT-B's shapes a fused kernel takes the folded q', k', v (the math fallback, which would
     store the scores again, is excluded: SDPA raises if no fused kernel accepts them), forward and

@@ -1,6 +1,6 @@
 """The hand-written CUDA kernels of ms_deform_attn (csrc/ms_deform_attn/kernels.cuh, launched by cuda.cu)
-against the float64 reference: every dtype pair, odd D (general path) and D % 8 == 0 (vector path), locations off the
-map, non-square levels, the kernels.md shapes, gradcheck, deterministic mode, CUDA graphs, device
+against the float64 reference: every dtype pair, odd D (general path) and D % 8 == 0 (vector path),
+locations off the map, non-square levels, the kernels.md shapes, gradcheck, deterministic mode, CUDA graphs, device
 indices, bad inputs and torch.library.opcheck. Needs a GPU and a dbsam._C built with CUDA.
 """
 import pytest
@@ -237,8 +237,9 @@ print("ok")
 def test_kernel_variants(knob, setting):
     # The kernels read their A/B variables (sample order; 8- or 16-byte loads for fp16/bf16 in both
     # directions, where the default is 16 forward and 8 backward; the forward that locates each
-    # point once per group) once per process: run each setting in a fresh one. Parity and the clean exit are asserted apart, so a failure says which
-    # of the two broke (the exit-time abort: benchmarks/NOTES.md section 8).
+    # point once per group) once per process: run each setting in a fresh one. Parity and the clean
+    # exit are asserted apart, so a failure says which of the two broke (the exit-time abort:
+    # benchmarks/NOTES.md sections 8-9).
     res = _run_fresh(_ORDER_SCRIPT, **{knob: setting})
     assert "ok" in res.stdout, "parity failed:\n" + res.stdout[-2000:] + res.stderr[-4000:]
     assert res.returncode == 0, ("parity held, but the process then exited with status "
