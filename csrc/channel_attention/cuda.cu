@@ -1,26 +1,32 @@
 // CUDA kernels of the channel-attention adapter y = x + PW1x1(SE(GELU(DW3x3(LN(x))))), channels-last.
 //
 // Forward (x read twice, u and pre written once, then one GEMM):
+//   pack_weights  the six small weights converted to op-math in one buffer (one launch).
 //   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double).
 //   dw_gelu       one block per (32 * VEC channels, image row, image); the LN is applied on the fly
 //                 to a 3x3 window walked along the row (3 LN evaluations per output), DW3x3 + GELU, u
 //                 and the pre-activation pre written in x's dtype (pre is saved for the backward) and
 //                 the row's channel sums reduced in shared memory into rowsum[B, H, C]
-//                 (deterministic: no atomics; the H-sum is one tiny ATen reduction).
-//   se_gate       one block per image: pooled means from the row sums, the SE MLP (one warp per
-//                 hidden unit / channel, coalesced weight rows), the gate times the drop-path factor.
+//                 (deterministic: no atomics).
+//   the SE MLP    sum_rows (pooled means), then two small_mm launches, one warp per output, with the
+//                 GELU and the gate (sigmoid times the drop-path factor) fused as epilogues.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
 //   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) on wf^T (a view) with the residual x as the
 //                 GEMM's addend.
 // Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
-//   gated_act (v = GELU(pre) * gate), two GEMMs (grad_pw from v, gv = grad at the gated
-//   activations), chan_dot_gelu (per-channel sums of gv * GELU(pre), for the SE backward), the SE
-//   backward (small_mm_kernel for its products), grad_pre (the grad at the DW output from gv, pre, the
-//   gate and the pooled-mean gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and
-//   LN-affine partial sums per block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW
-//   output inside it instead), ln_backward (one warp per pixel, + residual). Until 2026-11-27 the
-//   backward recomputed the DW conv (214 us at 8x64x64x768 bf16 on the H100) and gated u in a separate
-//   multiply (73 us); saving pre costs one [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
+//   pack_weights (with W1^T, W2^T), the SE recomputed (two small_mm), gated_act (v = GELU(pre) *
+//   gate), two GEMMs (grad_pw from v, gv = grad at the gated activations), chan_dot_gelu (per-row
+//   channel sums of gv * GELU(pre)), the SE backward (sum_rows for the gate's grad, two small_mm,
+//   se_weight_grad), grad_pre (the grad at the DW output from gv, pre, the gate and the pooled-mean
+//   gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and LN-affine partial sums per
+//   block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW output inside it instead),
+//   ln_backward (one warp per pixel, + residual), reduce_partials (grad_dw and the LN affine's grads,
+//   in the weights' dtypes). Until 2026-11-27 the backward recomputed the DW conv (214 us at
+//   8x64x64x768 bf16 on the H100) and gated u in a separate multiply (73 us); saving pre costs one
+//   [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
+// Host calls: everything small is a direct launch into one op-math buffer per call (the weights,
+// the SE vectors, the row sums), not an ATen op: the H100 runs showed the op host-bound at B = 1 and
+// the host's share visible at B = 8 (kernels.cuh, "The SE MLP, the small weights...").
 //
 // The [B,H,W,C] kernels are in kernels.cuh (CPU-tested under tests/cpp/cuda_emulation.h), templated
 // on VEC channels per thread (pick_vec, DBSAM_CA_VEC). Current stream, device guard, 64-bit offsets
@@ -39,6 +45,7 @@
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "channel_attention/checks.h"
 #include "channel_attention/kernels.cuh"
@@ -46,79 +53,6 @@
 namespace dbsam {
 namespace ca {
 namespace {
-
-// The SE MLP of one image per block: pooled = (sum over rows of rowsum) / HW (written out, saved for
-// the backward), h = GELU(W1 pooled), gate = sigmoid(W2 h) * branch_scale[b]. One warp per hidden
-// unit / output channel, so every weight row is read coalesced. Dynamic smem: (C + R) acc_t.
-// Only B blocks run, so the kernel is bound by load latency, not bandwidth: on the H100 (2026-11-27)
-// 256 threads with one dependent load chain each took 212 us at B = 8, C = 768. Hence 1024 threads
-// and four independent partial sums per thread, so several loads of each chain are in flight.
-constexpr int kSeThreads = 1024;
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kSeThreads) se_gate_kernel(
-    const acc_t* __restrict__ rowsum, const acc_t* __restrict__ w1, const acc_t* __restrict__ w2,
-    const acc_t* __restrict__ scale, acc_t* __restrict__ pooled, acc_t* __restrict__ gate, int H, int C,
-    int R, acc_t inv_hw) {
-  extern __shared__ __align__(16) unsigned char se_smem[];
-  acc_t* p = reinterpret_cast<acc_t*>(se_smem);
-  acc_t* h = p + C;
-  const int64_t b = blockIdx.x;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const acc_t* rs = rowsum + b * H * C + c;
-    acc_t s[4] = {0, 0, 0, 0};
-    int i = 0;
-    for (; i + 4 <= H; i += 4) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) s[q] += rs[static_cast<int64_t>(i + q) * C];
-    }
-    for (; i < H; ++i) s[0] += rs[static_cast<int64_t>(i) * C];
-    const acc_t acc = ((s[0] + s[1]) + (s[2] + s[3])) * inv_hw;
-    p[c] = acc;
-    pooled[b * C + c] = acc;
-  }
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int r = warp; r < R; r += nw) {
-    const acc_t t = warp_dot(p, w1 + static_cast<int64_t>(r) * C, C, lane);
-    if (lane == 0) h[r] = gelu(t);
-  }
-  __syncthreads();
-  const acc_t sc = scale != nullptr ? scale[b] : acc_t(1);
-  for (int c = warp; c < C; c += nw) {
-    const acc_t t = warp_dot(h, w2 + static_cast<int64_t>(c) * R, R, lane);
-    if (lane == 0) gate[b * C + c] = sc / (acc_t(1) + ca_exp(-t));
-  }
-}
-
-// wf[b, co, ci] = wp[co, ci] * gate[b, ci], in x's dtype: the 1x1 weight with the gate folded in
-// (the GEMM takes its transpose as a view).
-template <typename scalar_t, typename acc_t>
-__global__ void fold_kernel(const acc_t* __restrict__ wp, const acc_t* __restrict__ gate,
-                            scalar_t* __restrict__ wf, int64_t total, int C) {
-  const int64_t CC = static_cast<int64_t>(C) * C;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / CC, k = idx % CC;
-    wf[idx] = static_cast<scalar_t>(wp[k] * gate[b * C + k % C]);
-  }
-}
-
-// out [B, R] = a [B, K] @ w^T with w [R, K]: the SE MLP's small-batch products (small_mm_kernel).
-at::Tensor small_mm(const at::Tensor& a, const at::Tensor& w, cudaStream_t stream) {
-  const int64_t B = a.size(0), K = a.size(1), R = w.size(0);
-  auto out = at::empty({B, R}, a.options());
-  if (out.numel() == 0) return out;
-  auto ac = a.contiguous(), wc = w.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "channel_attention_small_mm", [&] {
-    const int64_t threads = B * R * 32;
-    small_mm_kernel<scalar_t><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-        ac.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), static_cast<int>(B),
-        static_cast<int>(R), static_cast<int>(K));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
 
 unsigned grid_stride_blocks(int64_t total, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65535 * 8)));
@@ -178,6 +112,43 @@ void with_vec(int vec, F&& f) {
   }
 }
 
+// The six weights' pointers for pack_weights_kernel, each made contiguous first (`keep` holds any copy
+// until the launch is queued), with the mask of those stored in float32.
+WeightPtrs weight_ptrs(std::initializer_list<const at::Tensor*> weights, std::vector<at::Tensor>& keep) {
+  WeightPtrs w{};
+  int i = 0;
+  for (const at::Tensor* t : weights) {
+    keep.push_back(t->contiguous());
+    w.p[i] = keep.back().data_ptr();
+    if (t->scalar_type() == at::kFloat) w.float_mask |= 1u << i;
+    ++i;
+  }
+  return w;
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_pack(const WeightPtrs& w, const WeightLayout& L, acc_t* out, cudaStream_t stream) {
+  pack_weights_kernel<scalar_t, acc_t><<<grid_stride_blocks(L.total(), 256), 256, 0, stream>>>(w, L, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// epi(b, r, a[b] . w[r]) for b < B, r < R (small_mm_kernel: one warp per output).
+template <typename acc_t, typename Epi>
+void launch_small_mm(const acc_t* a, const acc_t* w, int64_t B, int64_t R, int64_t K, Epi epi, cudaStream_t stream) {
+  const int64_t threads = B * R * 32;
+  small_mm_kernel<acc_t, Epi><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+      a, w, static_cast<int>(B), static_cast<int>(R), static_cast<int>(K), epi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// epi(b, c, sum over h of v[b, h, c]) (sum_rows_kernel: one thread per (b, c)).
+template <typename acc_t, typename Epi>
+void launch_sum_rows(const acc_t* v, int64_t B, int64_t H, int64_t C, Epi epi, cudaStream_t stream) {
+  sum_rows_kernel<acc_t, Epi><<<grid_stride_blocks(B * C, 256), 256, 0, stream>>>(
+      v, static_cast<int>(B), static_cast<int>(H), static_cast<int>(C), epi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 unsigned warp_blocks(int64_t P) { return static_cast<unsigned>((P + WARPS - 1) / WARPS); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -192,68 +163,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const auto st = x.scalar_type();
   const auto acc = at::toOpMathType(st);
   auto xc = x.contiguous();
-  const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   auto aopts = xc.options().dtype(acc);
   auto mean = at::empty({d.B, d.H, d.W}, aopts);
   auto rstd = at::empty({d.B, d.H, d.W}, aopts);
-  auto u = at::empty_like(xc);
+  auto pooled = at::empty({d.B, d.C}, aopts);
   auto pre = at::empty_like(xc);
-  auto rowsum = at::empty({d.B, d.H, d.C}, aopts);
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
-  if (P > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(vec, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
-            xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
-            static_cast<int>(d.C), static_cast<acc_t>(eps));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(),
-            w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(), u.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(),
-            rowsum.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.W), static_cast<int>(d.C));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  } else {
-    rowsum.zero_();
-    mean.zero_();
-    rstd.zero_();
-  }
-  at::Tensor pooled, wf;
-  const size_t se_smem = static_cast<size_t>(d.C + d.R) * at::elementSize(acc);
-  if (P > 0 && se_smem <= 48 * 1024) {
-    // SE MLP and the gate folding: two launches.
-    pooled = at::empty({d.B, d.C}, aopts);
-    auto gate = at::empty({d.B, d.C}, aopts);
-    wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
-    c10::optional<at::Tensor> scale_c;
-    if (branch_scale.has_value()) scale_c = branch_scale->contiguous();
-    auto w1 = w.w1.contiguous(), w2 = w.w2.contiguous(), wp = w.wp.contiguous();
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_se_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      se_gate_kernel<acc_t><<<static_cast<unsigned>(d.B), kSeThreads, se_smem, stream>>>(
-          rowsum.data_ptr<acc_t>(), w1.data_ptr<acc_t>(), w2.data_ptr<acc_t>(),
-          scale_c.has_value() ? scale_c->data_ptr<acc_t>() : nullptr, pooled.data_ptr<acc_t>(),
-          gate.data_ptr<acc_t>(), static_cast<int>(d.H), static_cast<int>(d.C), static_cast<int>(d.R),
-          acc_t(1) / acc_t(HW));
+  if (P == 0) return {at::empty_like(xc), mean, rstd, pooled, pre};  // an empty batch
+  auto u = at::empty_like(xc);
+  auto wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
+  // One op-math buffer: the packed weights, then the row sums [B, H, C], the SE hidden units [B, R]
+  // and the gate [B, C].
+  const WeightLayout L{d.C, d.R, false};
+  auto buf = at::empty({L.total() + d.B * (d.H * d.C + d.R + d.C)}, aopts);
+  std::vector<at::Tensor> keep;
+  keep.reserve(7);
+  const WeightPtrs wptrs = weight_ptrs({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, keep);
+  if (branch_scale.has_value()) keep.push_back(branch_scale->contiguous());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* wbuf = buf.data_ptr<acc_t>();
+    acc_t* rowsum = wbuf + L.total();
+    acc_t* hidden = rowsum + d.B * d.H * d.C;
+    acc_t* gate = hidden + d.B * d.R;
+    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
+    launch_pack<scalar_t, acc_t>(wptrs, L, wbuf, stream);
+    with_vec<scalar_t>(vec, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
+          static_cast<int>(d.C), static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t total = d.B * d.C * d.C;
-      fold_kernel<scalar_t, acc_t><<<grid_stride_blocks(total, 256), 256, 0, stream>>>(
-          wp.data_ptr<acc_t>(), gate.data_ptr<acc_t>(), wf.data_ptr<scalar_t>(), total,
-          static_cast<int>(d.C));
+      dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(),
+          wbuf + L.wt(), u.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), rowsum, static_cast<int>(d.H),
+          static_cast<int>(d.W), static_cast<int>(d.C));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else {  // empty batch, or a C too wide for the SE kernel's shared memory: the same math in ATen
-    pooled = rowsum.sum(1).div_(static_cast<double>(HW));
-    auto s = at::sigmoid(at::mm(at::gelu(at::mm(pooled, w.w1.t())), w.w2.t()));  // [B, C]
-    if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
-    wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).to(st);  // [B, Cout, Cin]
-  }
+    // The SE MLP: pooled means, h = GELU(W1 pooled), gate = sigmoid(W2 h) * branch_scale[b]; then the
+    // gate folded into the 1x1 weight per image.
+    const int C = static_cast<int>(d.C), R = static_cast<int>(d.R);
+    launch_sum_rows(rowsum, d.B, d.H, d.C, PoolEpi<acc_t>{pooled.data_ptr<acc_t>(), acc_t(1) / acc_t(HW), C},
+                    stream);
+    launch_small_mm(pooled.data_ptr<acc_t>(), wbuf + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{nullptr, hidden, R},
+                    stream);
+    launch_small_mm(hidden, wbuf + L.w2(), d.B, d.C, d.R, GateEpi<acc_t>{scale, gate, nullptr, C}, stream);
+    const int64_t total = d.B * d.C * d.C;
+    fold_kernel<scalar_t, acc_t><<<grid_stride_blocks(total, 256), 256, 0, stream>>>(
+        wbuf + L.wp(), gate, wf.data_ptr<scalar_t>(), total, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   // y_b = x_b + u_b @ (Wp * gate_b)^T, residual as the GEMM's addend.
   auto y = at::baddbmm(xc.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf.transpose(1, 2)).view(x.sizes());
   return {y, mean, rstd, pooled, pre};
@@ -274,114 +235,134 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const auto st = x.scalar_type();
   const auto acc = at::toOpMathType(st);
   auto xc = x.contiguous();
+  const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
+  auto grad_of = [](const at::Tensor& w) { return at::empty(w.sizes(), w.options()); };  // contiguous
+  auto gx = at::empty_like(xc);
+  auto g_lnw = grad_of(ln_weight), g_lnb = grad_of(ln_bias), g_dw = grad_of(dw_weight);
+  auto g_fc1 = grad_of(fc1_weight), g_fc2 = grad_of(fc2_weight);
+  if (P == 0) {  // an empty batch: no contribution to any weight
+    for (at::Tensor* g : {&g_lnw, &g_lnb, &g_dw, &g_fc1, &g_fc2}) g->zero_();
+    return {gx, g_lnw, g_lnb, g_dw, g_fc1, g_fc2, at::zeros(pw_weight.sizes(), pw_weight.options())};
+  }
   auto gyc = grad_y.contiguous();
   auto prec = pre.contiguous();
   auto mean_c = mean.contiguous();
   auto rstd_c = rstd.contiguous();
   auto pooled_c = pooled.contiguous();
-  const Weights w = widen(d, acc, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   auto aopts = xc.options().dtype(acc);
-  const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
+  const int R = static_cast<int>(d.R);
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), prec.data_ptr()});
-  // SE, recomputed from the saved pooled means (its [B, K] x [K, R] products in small_mm_kernel).
-  auto a = small_mm(pooled_c, w.w1, stream);  // [B, R]
-  auto h = at::gelu(a);
-  auto s = at::sigmoid(small_mm(h, w.w2, stream));  // [B, C]
-  auto s_eff = branch_scale.has_value() ? s * branch_scale->unsqueeze(1) : s;
-  auto s_c = s_eff.contiguous();
-  // grad_pw = gy^T v over all pixels, v = GELU(pre) * s_eff: one GEMM with fp32 accumulation.
+  // One op-math buffer: the packed weights (with W1^T and W2^T), then the SE's recomputed and
+  // backward vectors a, h, ga [B, R] and s, gate, gz, gp [B, C], then the per-row gate dots [B, H, C].
+  const WeightLayout L{d.C, d.R, true};
+  auto buf = at::empty({L.total() + d.B * (3 * d.R + 4 * d.C + d.H * d.C)}, aopts);
+  std::vector<at::Tensor> keep;
+  keep.reserve(7);
+  const WeightPtrs wptrs = weight_ptrs({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, keep);
+  if (branch_scale.has_value()) keep.push_back(branch_scale->contiguous());
   auto v = at::empty_like(xc);
-  if (P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(vec, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
-            prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), P, HW, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* wbuf = buf.data_ptr<acc_t>();
+    acc_t* a = wbuf + L.total();
+    acc_t* h = a + d.B * d.R;
+    acc_t* s = h + d.B * d.R;
+    acc_t* gate = s + d.B * d.C;
+    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
+    launch_pack<scalar_t, acc_t>(wptrs, L, wbuf, stream);
+    // The SE recomputed from the saved pooled means: a, h = GELU(a), s = sigmoid(W2 h), gate = s * scale.
+    launch_small_mm(pooled_c.data_ptr<acc_t>(), wbuf + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{a, h, R}, stream);
+    launch_small_mm(static_cast<const acc_t*>(h), wbuf + L.w2(), d.B, d.C, d.R, GateEpi<acc_t>{scale, gate, s, C},
+                    stream);
+    // v = GELU(pre) * gate, the gated activations grad_pw's GEMM reads.
+    with_vec<scalar_t>(vec, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
+          prec.data_ptr<scalar_t>(), gate, v.data_ptr<scalar_t>(), P, HW, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
+  });
+  // grad_pw = gy^T v over all pixels and gv = gy Wp (the grad at the gated activations): two GEMMs with
+  // fp32 accumulation, in x's dtype.
   auto gy2 = gyc.view({P, d.C});
   auto gpw = at::mm(gy2.t(), v.view({P, d.C}));
   v.reset();
-  auto gv = at::mm(gy2, w.wp.to(st));  // [P, Cin]: grad at the gated activations
+  auto wp_st = pw_weight.reshape({d.C, d.C});
+  if (wp_st.scalar_type() != st) wp_st = wp_st.to(st);  // float32 master weights under AMP
+  auto gv = at::mm(gy2, wp_st);  // [P, Cin]
   // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
   const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
-  auto rowdot = at::empty({d.B, d.H, d.C}, aopts);
-  if (P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(vec_gv, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        chan_dot_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), rowdot.data_ptr<acc_t>(), H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  } else {
-    rowdot.zero_();
-  }
-  auto gs = rowdot.sum(1);
-  if (branch_scale.has_value()) gs.mul_(branch_scale->unsqueeze(1));
-  auto gz = gs * s * (1 - s);
-  auto gw2 = at::mm(gz.t(), h);
-  auto ga = at::gelu_backward(small_mm(gz, w.w2.t().contiguous(), stream), a);  // [B, R]
-  auto gw1 = at::mm(ga.t(), pooled_c);
-  auto gp = small_mm(ga, w.w1.t().contiguous(), stream);  // [B, C]
   auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
-  auto gx = at::empty_like(xc);
   const bool fused = fused_grad();
   at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
   if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
-  if (P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_vec<scalar_t>(vec_gv, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        const acc_t inv_hw = acc_t(1) / acc_t(HW);
-        if (fused) {
-          dw_backward_kernel<scalar_t, acc_t, VEC, true><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-              nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
-              gp.data_ptr<acc_t>(), inv_hw, xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
-              rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(), w.wt.data_ptr<acc_t>(),
-              gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
-              gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
-              gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-              gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
-              mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), w.b.data_ptr<acc_t>(),
-              w.wt.data_ptr<acc_t>(), gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
-      with_vec<scalar_t>(vec, [&](auto V) {
-        constexpr int VEC = decltype(V)::value;
-        ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
-            gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
-            rstd_c.data_ptr<acc_t>(), w.g.data_ptr<acc_t>(), gx.data_ptr<scalar_t>(), P, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  const unsigned f1 = (fc1_weight.scalar_type() == at::kFloat), f2 = (fc2_weight.scalar_type() == at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* wbuf = buf.data_ptr<acc_t>();
+    acc_t* a = wbuf + L.total();
+    acc_t* h = a + d.B * d.R;
+    acc_t* s = h + d.B * d.R;
+    acc_t* gate = s + d.B * d.C;
+    acc_t* gz = gate + d.B * d.C;
+    acc_t* gp = gz + d.B * d.C;
+    acc_t* ga = gp + d.B * d.C;
+    acc_t* rowdot = ga + d.B * d.R;
+    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
+    with_vec<scalar_t>(vec_gv, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      chan_dot_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+          gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), rowdot, H, W, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else {
-    partials.zero_();
-  }
-  auto red = partials.sum(0);  // [11, C]
-  auto gdw = red.narrow(0, 0, 9).t().contiguous().view({d.C, 1, 3, 3});
-  return {gx,
-          red[9].to(ln_weight.scalar_type(), false, /*copy=*/true),
-          red[10].to(ln_bias.scalar_type(), false, /*copy=*/true),
-          gdw.to(dw_weight.scalar_type()),
-          gw1.reshape({d.R, d.C, 1, 1}).to(fc1_weight.scalar_type()),
-          gw2.reshape({d.C, d.R, 1, 1}).to(fc2_weight.scalar_type()),
-          gpw.reshape({d.C, d.C, 1, 1}).to(pw_weight.scalar_type())};
+    // The SE backward: gz at the gate's logit, ga at the hidden pre-activation, gp at the pooled means,
+    // and the SE weights' grads (summed over the batch, in their own dtypes).
+    launch_sum_rows(static_cast<const acc_t*>(rowdot), d.B, d.H, d.C, GateGradEpi<acc_t>{scale, s, gz, C}, stream);
+    launch_small_mm(static_cast<const acc_t*>(gz), wbuf + L.w2t(), d.B, d.R, d.C, GeluGradEpi<acc_t>{a, ga, R},
+                    stream);
+    launch_small_mm(static_cast<const acc_t*>(ga), wbuf + L.w1t(), d.B, d.C, d.R, StoreEpi<acc_t>{gp, C}, stream);
+    se_weight_grad_kernel<scalar_t, acc_t><<<grid_stride_blocks(2 * d.R * d.C, 256), 256, 0, stream>>>(
+        ga, pooled_c.data_ptr<acc_t>(), gz, h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(), f1 != 0,
+        g_fc2.data_ptr(), f2 != 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_vec<scalar_t>(vec_gv, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      const acc_t inv_hw = acc_t(1) / acc_t(HW);
+      if (fused) {
+        dw_backward_kernel<scalar_t, acc_t, VEC, true><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), gate, gp, inv_hw, xc.data_ptr<scalar_t>(),
+            mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
+            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
+            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), gate, gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+            gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
+            mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
+            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    with_vec<scalar_t>(vec, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
+          gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
+          rstd_c.data_ptr<acc_t>(), wbuf + L.g(), gx.data_ptr<scalar_t>(), P, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    // grad_dw and the LN affine's grads from dw_backward's per-row partials, in their weights' dtypes.
+    reduce_partials_kernel<scalar_t, acc_t><<<grid_stride_blocks(11 * d.C, 256), 256, 0, stream>>>(
+        partials.data_ptr<acc_t>(), d.B * d.H, C, g_dw.data_ptr(), dw_weight.scalar_type() == at::kFloat,
+        g_lnw.data_ptr(), ln_weight.scalar_type() == at::kFloat, g_lnb.data_ptr(),
+        ln_bias.scalar_type() == at::kFloat);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, g_lnw, g_lnb, g_dw, g_fc1, g_fc2, gpw.view(pw_weight.sizes()).to(pw_weight.scalar_type())};
 }
 
 }  // namespace

@@ -3,8 +3,6 @@
 // very kernels for the CPU under a small CUDA emulation (tests/cpp/cuda_emulation.h) and check them
 // against plain loops in every CI run, without a GPU.
 //
-// The SE kernel and the weight folding (one block per image, no VEC) stay in cuda.cu.
-//
 // VEC: consecutive channels per thread (1, 2 or 4), loaded and stored as one access (2 bf16 = 4
 // bytes, 4 bf16 = 8 bytes), with the per-pixel LN statistics read once for all VEC channels. VEC = 1
 // is the layout measured on the H100 (one channel per thread: a warp reads 64 bytes of bf16 per load
@@ -416,6 +414,95 @@ __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t*
   }
 }
 
+// ---- The SE MLP, the small weights and the final reductions: direct launches, no ATen calls ----
+// Why here and not as ATen ops: at B = 1 every implementation measured on the H100 ran at its host's
+// pace (run 3, bf16 fwd+bwd: this op 1.95 ms at B = 1 against 3.37 ms at B = 8, eager NCHW 1.90
+// against 1.82 ms), and at B = 8 run 4's op took 2383 us for 1745 us of kernels. Each ATen call
+// costs the host several microseconds of dispatch, allocation and launch; the SE MLP, the weight
+// conversions and the reductions of the grads were ~50 of them per forward + backward, each with
+// a kernel of a few microseconds. Here they are ~10 launches.
+
+// Where each small weight sits in the one op-math buffer pack_weights_kernel fills: the LN affine
+// g, b [C]; the DW taps wt [9][C] (tap-major); fc1 w1 [R][C], fc2 w2 [C][R], the 1x1 weight wp [C][C];
+// and, for the backward's products, w1t = w1^T [C][R] and w2t = w2^T [R][C] (so every warp_dot
+// reads a contiguous row).
+struct WeightLayout {
+  int64_t C, R;
+  bool transposes;
+  DBSAM_CA_HD int64_t g() const { return 0; }
+  DBSAM_CA_HD int64_t b() const { return C; }
+  DBSAM_CA_HD int64_t wt() const { return 2 * C; }
+  DBSAM_CA_HD int64_t w1() const { return 11 * C; }
+  DBSAM_CA_HD int64_t w2() const { return w1() + R * C; }
+  DBSAM_CA_HD int64_t wp() const { return w2() + C * R; }
+  DBSAM_CA_HD int64_t w1t() const { return wp() + C * C; }
+  DBSAM_CA_HD int64_t w2t() const { return w1t() + C * R; }
+  DBSAM_CA_HD int64_t total() const { return transposes ? w2t() + R * C : w1t(); }
+};
+
+// A weight or a weight's grad is stored in x's dtype or, under AMP, in float32: each of the op's six
+// is one or the other (bit i of a mask set: float32), so one instantiation serves both.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load_weight(const void* p, bool is_float, int64_t i) {
+  return is_float ? static_cast<acc_t>(static_cast<const float*>(p)[i])
+                  : static_cast<acc_t>(static_cast<const scalar_t*>(p)[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_weight(void* p, bool is_float, int64_t i, acc_t v) {
+  if (is_float) {
+    static_cast<float*>(p)[i] = static_cast<float>(v);
+  } else {
+    static_cast<scalar_t*>(p)[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// The op's six weights in the order of its schema: ln_weight [C], ln_bias [C], dw_weight [C, 1, 3, 3],
+// fc1_weight [R, C, 1, 1], fc2_weight [C, R, 1, 1], pw_weight [C, C, 1, 1], contiguous.
+struct WeightPtrs {
+  const void* p[6];
+  unsigned float_mask;  // bit i: weight i is float32 (else x's dtype)
+};
+
+// Element j of weight K. K is a constant in every call: w.p[k] with a run-time k put the pointer
+// array on the stack (ptxas: a 56-byte frame).
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t weight_at(const WeightPtrs& w, int64_t j) {
+  return load_weight<scalar_t, acc_t>(w.p[K], (w.float_mask >> K) & 1u, j);
+}
+
+// Every small weight converted to op-math and laid out as WeightLayout says, in one launch (it was
+// eight ATen conversions and copies per call). Grid-stride over L.total().
+template <typename scalar_t, typename acc_t>
+__global__ void pack_weights_kernel(WeightPtrs w, WeightLayout L, acc_t* __restrict__ out) {
+  const int64_t C = L.C, R = L.R, total = L.total();
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t v;
+    if (i < L.b()) {
+      v = weight_at<0, scalar_t, acc_t>(w, i);
+    } else if (i < L.wt()) {
+      v = weight_at<1, scalar_t, acc_t>(w, i - L.b());
+    } else if (i < L.w1()) {
+      const int64_t t = i - L.wt(), k = t / C, c = t - k * C;  // wt[k][c] = dw[c][k]
+      v = weight_at<2, scalar_t, acc_t>(w, c * 9 + k);
+    } else if (i < L.w2()) {
+      v = weight_at<3, scalar_t, acc_t>(w, i - L.w1());
+    } else if (i < L.wp()) {
+      v = weight_at<4, scalar_t, acc_t>(w, i - L.w2());
+    } else if (i < L.w1t()) {
+      v = weight_at<5, scalar_t, acc_t>(w, i - L.wp());
+    } else if (i < L.w2t()) {
+      const int64_t t = i - L.w1t(), c = t / R, r = t - c * R;  // w1t[c][r] = w1[r][c]
+      v = weight_at<3, scalar_t, acc_t>(w, r * C + c);
+    } else {
+      const int64_t t = i - L.w2t(), r = t / C, c = t - r * C;  // w2t[r][c] = w2[c][r]
+      v = weight_at<4, scalar_t, acc_t>(w, c * R + r);
+    }
+    out[i] = v;
+  }
+}
+
 // sum_k a[k] * b[k] over one warp (every lane gets it), four independent partial sums per lane.
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_dot(const acc_t* a, const acc_t* __restrict__ b, int n, int lane) {
@@ -429,19 +516,168 @@ __device__ __forceinline__ acc_t warp_dot(const acc_t* a, const acc_t* __restric
   return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
 }
 
-// out[b, r] = sum_k a[b, k] * w[r, k] for a small batch B: the SE MLP's products ([B, K] x [K, R]
-// with w's rows contiguous), one warp per output. cuBLAS ran the backward's K = 768 ones (B = 8,
-// R = 192, fp32) as SIMT GEMMs of two thread blocks, ~55 us each on the H100 (run 4's profile);
-// here they are B * R warps reading coalesced rows.
-template <typename acc_t>
-__global__ void small_mm_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ w, acc_t* __restrict__ out,
-                                int B, int R, int K) {
+// t = sum_k a[b, k] * w[r, k] for a small batch B (a [B, K], w [R, K], rows contiguous), one warp per
+// (b, r), then epi(b, r, t) on lane 0: the SE MLP's products with their elementwise step fused. cuBLAS
+// ran the backward's K = 768 products (B = 8, R = 192, fp32) as SIMT GEMMs of two thread blocks, ~55
+// us each on the H100 (run 4's profile), and one block per image doing the whole MLP (the first SE
+// kernel) 64-212 us: here B * R warps read coalesced rows.
+template <typename acc_t, typename Epi>
+__global__ void small_mm_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ w, int B, int R, int K,
+                                Epi epi) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= static_cast<int64_t>(B) * R) return;  // whole warps leave together
   const int64_t b = warp / R, r = warp - b * R;
-  const acc_t v = warp_dot(a + b * K, w + r * K, K, lane);
-  if (lane == 0) out[warp] = v;
+  const acc_t t = warp_dot(a + b * K, w + r * K, K, lane);
+  if (lane == 0) epi(b, r, t);
+}
+
+// out[b, r] = t
+template <typename acc_t>
+struct StoreEpi {
+  acc_t* out;
+  int R;
+  __device__ void operator()(int64_t b, int64_t r, acc_t t) const { out[b * R + r] = t; }
+};
+
+// The SE hidden units: h = GELU(t), and the pre-activation a = t where a is wanted (the backward's GELU').
+template <typename acc_t>
+struct HiddenEpi {
+  acc_t* a;  // may be null
+  acc_t* h;
+  int R;
+  __device__ void operator()(int64_t b, int64_t r, acc_t t) const {
+    if (a != nullptr) a[b * R + r] = t;
+    h[b * R + r] = gelu(t);
+  }
+};
+
+// The SE gate: s = sigmoid(t) (kept where s_raw is given: the backward's s(1 - s)) and the gate the
+// kernels apply, gate = s * scale[b] (drop-path's per-sample factor; scale may be null).
+template <typename acc_t>
+struct GateEpi {
+  const acc_t* scale;  // may be null
+  acc_t* gate;
+  acc_t* s_raw;  // may be null
+  int C;
+  __device__ void operator()(int64_t b, int64_t c, acc_t t) const {
+    const acc_t s = acc_t(1) / (acc_t(1) + ca_exp(-t));
+    if (s_raw != nullptr) s_raw[b * C + c] = s;
+    gate[b * C + c] = scale != nullptr ? s * scale[b] : s;
+  }
+};
+
+// The grad at the SE hidden pre-activation: ga = t * GELU'(a).
+template <typename acc_t>
+struct GeluGradEpi {
+  const acc_t* a;
+  acc_t* ga;
+  int R;
+  __device__ void operator()(int64_t b, int64_t r, acc_t t) const { ga[b * R + r] = t * gelu_grad(a[b * R + r]); }
+};
+
+// t = sum over rows h of v[b, h, c] (v [B, H, C]: the forward's per-row channel sums, the backward's
+// per-row gate dots), one thread per (b, c), then epi(b, c, t).
+template <typename acc_t, typename Epi>
+__global__ void sum_rows_kernel(const acc_t* __restrict__ v, int B, int H, int C, Epi epi) {
+  const int64_t n = static_cast<int64_t>(B) * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / C, c = i - b * C;
+    const acc_t* vb = v + b * H * C + c;
+    acc_t s[4] = {0, 0, 0, 0};
+    int h = 0;
+    for (; h + 4 <= H; h += 4) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s[q] += vb[static_cast<int64_t>(h + q) * C];
+    }
+    for (; h < H; ++h) s[0] += vb[static_cast<int64_t>(h) * C];
+    epi(b, c, (s[0] + s[1]) + (s[2] + s[3]));
+  }
+}
+
+// The SE input: pooled = (sum of the row sums) / HW.
+template <typename acc_t>
+struct PoolEpi {
+  acc_t* pooled;
+  acc_t inv_hw;
+  int C;
+  __device__ void operator()(int64_t b, int64_t c, acc_t t) const { pooled[b * C + c] = t * inv_hw; }
+};
+
+// The grad at the gate's logit: gz = (sum over pixels of gv * u) * scale[b] * s (1 - s).
+template <typename acc_t>
+struct GateGradEpi {
+  const acc_t* scale;  // may be null
+  const acc_t* s;
+  acc_t* gz;
+  int C;
+  __device__ void operator()(int64_t b, int64_t c, acc_t t) const {
+    const acc_t sv = s[b * C + c];
+    gz[b * C + c] = (scale != nullptr ? t * scale[b] : t) * sv * (acc_t(1) - sv);
+  }
+};
+
+// wf[b, co, ci] = wp[co, ci] * gate[b, ci], in x's dtype: the 1x1 weight with the gate folded in
+// (the GEMM takes its transpose as a view).
+template <typename scalar_t, typename acc_t>
+__global__ void fold_kernel(const acc_t* __restrict__ wp, const acc_t* __restrict__ gate,
+                            scalar_t* __restrict__ wf, int64_t total, int C) {
+  const int64_t CC = static_cast<int64_t>(C) * C;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / CC, k = idx - b * CC;
+    wf[idx] = static_cast<scalar_t>(wp[k] * gate[b * C + k % C]);
+  }
+}
+
+// The SE weights' grads, summed over the batch in a fixed order and stored in each weight's dtype:
+// grad_fc1[r, c] = sum_b ga[b, r] pooled[b, c], grad_fc2[c, r] = sum_b gz[b, c] h[b, r]. One thread
+// per weight element (consecutive threads on a weight's contiguous index), grid-stride over 2 R C.
+template <typename scalar_t, typename acc_t>
+__global__ void se_weight_grad_kernel(const acc_t* __restrict__ ga, const acc_t* __restrict__ pooled,
+                                      const acc_t* __restrict__ gz, const acc_t* __restrict__ h, int B, int R,
+                                      int C, void* gw1, bool gw1_float, void* gw2, bool gw2_float) {
+  const int64_t RC = static_cast<int64_t>(R) * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < 2 * RC;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t s = 0;
+    if (i < RC) {
+      const int64_t r = i / C, c = i - r * C;
+      for (int b = 0; b < B; ++b) s += ga[static_cast<int64_t>(b) * R + r] * pooled[static_cast<int64_t>(b) * C + c];
+      store_weight<scalar_t, acc_t>(gw1, gw1_float, i, s);
+    } else {
+      const int64_t j = i - RC, c = j / R, r = j - c * R;
+      for (int b = 0; b < B; ++b) s += gz[static_cast<int64_t>(b) * C + c] * h[static_cast<int64_t>(b) * R + r];
+      store_weight<scalar_t, acc_t>(gw2, gw2_float, j, s);
+    }
+  }
+}
+
+// dw_backward_kernel's per-block partials [rows = B*H, 11, C] summed over the rows in a fixed order:
+// grad_dw [C, 1, 3, 3] from taps 0..8, grad_ln_weight and grad_ln_bias [C] from 9 and 10, each in its
+// weight's dtype. One thread per (tap, channel), consecutive threads on consecutive channels.
+template <typename scalar_t, typename acc_t>
+__global__ void reduce_partials_kernel(const acc_t* __restrict__ partials, int64_t rows, int C, void* gdw,
+                                       bool gdw_float, void* glnw, bool glnw_float, void* glnb, bool glnb_float) {
+  const int64_t n = 11 * static_cast<int64_t>(C);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = i / C, c = i - k * C;
+    acc_t s[4] = {0, 0, 0, 0};
+    int64_t row = 0;
+    for (; row + 4 <= rows; row += 4) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s[q] += partials[(row + q) * n + i];
+    }
+    for (; row < rows; ++row) s[0] += partials[row * n + i];
+    const acc_t t = (s[0] + s[1]) + (s[2] + s[3]);
+    if (k < 9) {
+      store_weight<scalar_t, acc_t>(gdw, gdw_float, c * 9 + k, t);
+    } else {
+      store_weight<scalar_t, acc_t>(k == 9 ? glnw : glnb, k == 9 ? glnw_float : glnb_float, c, t);
+    }
+  }
 }
 
 }  // namespace ca

@@ -214,7 +214,7 @@ static void run_case(int B, int H, int W, int C) {
   expect_close("ln_backward", gx_k, gx, tol_s, tag);
 }
 
-// small_mm_kernel: out [B, R] = a [B, K] @ w^T, one warp per output (the SE MLP's products).
+// small_mm_kernel: out [B, R] = a [B, K] @ w^T, one warp per output (StoreEpi).
 template <typename T>
 static void run_small_mm(int B, int R, int K) {
   char tag[64];
@@ -230,8 +230,228 @@ static void run_small_mm(int B, int R, int K) {
       for (int k = 0; k < K; ++k) want[int64_t(b) * R + r] += double(a[int64_t(b) * K + k]) * w[int64_t(r) * K + k];
   const int64_t threads = int64_t(B) * R * 32;
   cuda_emu::launch(dim3(unsigned((threads + 255) / 256)), dim3(256),
-                   [&] { small_mm_kernel<T>(a.data(), w.data(), out.data(), B, R, K); });
+                   [&] { small_mm_kernel<T>(a.data(), w.data(), B, R, K, StoreEpi<T>{out.data(), R}); });
   expect_close("small_mm", out, want, sizeof(T) == 8 ? 1e-12 : 1e-5, tag);
+}
+
+// pack_weights_kernel: the six weights, some in S and some in float (AMP's master weights), converted
+// to A and laid out as WeightLayout says (the DW taps and the SE weights' transposes included). Every
+// value is exact (a conversion, no arithmetic). Then reduce_partials_kernel and se_weight_grad_kernel
+// store grads in the same mix of dtypes.
+template <typename S, typename A>
+static void run_weights(int C, int R, unsigned float_mask, int rows) {
+  char tag[96];
+  const char* name = std::is_same<S, bf16>::value ? "bf16" : sizeof(S) == 8 ? "double" : "float";
+  std::snprintf(tag, sizeof tag, "[%s weights C=%d R=%d mask=%u rows=%d]", name, C, R, float_mask, rows);
+  std::mt19937 rng(7 + C + R + float_mask);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  const int64_t sizes[6] = {C, C, int64_t(C) * 9, int64_t(R) * C, int64_t(C) * R, int64_t(C) * C};
+  std::vector<std::vector<S>> ws(6);
+  std::vector<std::vector<float>> wf(6);
+  std::vector<std::vector<double>> wd(6);  // the values as stored, whichever dtype holds them
+  WeightPtrs ptrs{};
+  ptrs.float_mask = float_mask;
+  for (int i = 0; i < 6; ++i) {
+    const bool f = (float_mask >> i) & 1u;
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      const double v = nd(rng);
+      if (f) {
+        wf[i].push_back(static_cast<float>(v));
+        wd[i].push_back(double(wf[i].back()));
+      } else {
+        ws[i].push_back(static_cast<S>(v));
+        wd[i].push_back(double(ws[i].back()));
+      }
+    }
+    ptrs.p[i] = f ? static_cast<const void*>(wf[i].data()) : static_cast<const void*>(ws[i].data());
+  }
+  for (bool transposes : {false, true}) {
+    const WeightLayout L{C, R, transposes};
+    std::vector<A> out(L.total(), A(-7));
+    std::vector<double> want(L.total());
+    for (int c = 0; c < C; ++c) {
+      want[L.g() + c] = wd[0][c];
+      want[L.b() + c] = wd[1][c];
+      for (int k = 0; k < 9; ++k) want[L.wt() + int64_t(k) * C + c] = wd[2][int64_t(c) * 9 + k];
+      for (int r = 0; r < R; ++r) {
+        want[L.w1() + int64_t(r) * C + c] = wd[3][int64_t(r) * C + c];
+        want[L.w2() + int64_t(c) * R + r] = wd[4][int64_t(c) * R + r];
+        if (transposes) {
+          want[L.w1t() + int64_t(c) * R + r] = wd[3][int64_t(r) * C + c];
+          want[L.w2t() + int64_t(r) * C + c] = wd[4][int64_t(c) * R + r];
+        }
+      }
+      for (int k = 0; k < C; ++k) want[L.wp() + int64_t(c) * C + k] = wd[5][int64_t(c) * C + k];
+    }
+    cuda_emu::launch(dim3(3), dim3(64), [&] { pack_weights_kernel<S, A>(ptrs, L, out.data()); });  // grid-stride
+    expect_close(transposes ? "pack_weights (with transposes)" : "pack_weights", out, want, 0.0, tag);
+  }
+
+  // reduce_partials: [rows, 11, C] summed over rows into grad_dw [C, 9] and the LN affine's grads,
+  // stored in the dtypes of dw_weight (bit 2), ln_weight (bit 0) and ln_bias (bit 1).
+  std::vector<A> partials(int64_t(rows) * 11 * C);
+  for (auto& v : partials) v = static_cast<A>(nd(rng));
+  std::vector<double> gdw(int64_t(C) * 9, 0.0), glnw(C, 0.0), glnb(C, 0.0);
+  for (int row = 0; row < rows; ++row)
+    for (int k = 0; k < 11; ++k)
+      for (int c = 0; c < C; ++c) {
+        const double v = partials[(int64_t(row) * 11 + k) * C + c];
+        if (k < 9) gdw[int64_t(c) * 9 + k] += v;
+        else (k == 9 ? glnw : glnb)[c] += v;
+      }
+  std::vector<S> gdw_s(gdw.size()), glnw_s(C), glnb_s(C);
+  std::vector<float> gdw_f(gdw.size()), glnw_f(C), glnb_f(C);
+  auto out_ptr = [&](int bit, std::vector<S>& s_out, std::vector<float>& f_out) -> void* {
+    return ((float_mask >> bit) & 1u) ? static_cast<void*>(f_out.data()) : static_cast<void*>(s_out.data());
+  };
+  cuda_emu::launch(dim3(2), dim3(64), [&] {  // grid-stride
+    reduce_partials_kernel<S, A>(partials.data(), rows, C, out_ptr(2, gdw_s, gdw_f), (float_mask >> 2) & 1u,
+                                 out_ptr(0, glnw_s, glnw_f), float_mask & 1u, out_ptr(1, glnb_s, glnb_f),
+                                 (float_mask >> 1) & 1u);
+  });
+  const double tol_s = sizeof(S) == 2 ? 8e-3 : sizeof(A) == 8 ? 1e-12 : 2e-6;
+  auto check = [&](const char* what, int bit, const std::vector<S>& s_out, const std::vector<float>& f_out,
+                   const std::vector<double>& want) {
+    if ((float_mask >> bit) & 1u) {
+      expect_close(what, f_out, want, sizeof(A) == 8 ? 1e-12 : 2e-6, tag);
+    } else {
+      expect_close(what, s_out, want, tol_s, tag);
+    }
+  };
+  check("reduce_partials grad_dw", 2, gdw_s, gdw_f, gdw);
+  check("reduce_partials grad_ln_weight", 0, glnw_s, glnw_f, glnw);
+  check("reduce_partials grad_ln_bias", 1, glnb_s, glnb_f, glnb);
+}
+
+// The SE MLP, forward and backward, as cuda.cu chains its kernels: pooled means from per-row sums
+// (sum_rows_kernel + PoolEpi), the hidden units and the gate (small_mm_kernel + HiddenEpi, GateEpi,
+// with and without a per-sample scale), the gate folded into the 1x1 weight (fold_kernel); then gz
+// (GateGradEpi), ga (GeluGradEpi, through W2^T), gp (StoreEpi, through W1^T) and the SE weights'
+// grads (se_weight_grad_kernel). Against double loops over the same inputs.
+template <typename S, typename A>
+static void run_se(int B, int H, int C, int R, bool with_scale) {
+  char tag[96];
+  const char* name = std::is_same<S, bf16>::value ? "bf16" : sizeof(S) == 8 ? "double" : "float";
+  std::snprintf(tag, sizeof tag, "[%s SE B=%d H=%d C=%d R=%d scale=%d]", name, B, H, C, R, int(with_scale));
+  const double tol = sizeof(A) == 8 ? 1e-11 : 2e-5;
+  std::mt19937 rng(31 + B + C + R + int(with_scale));
+  std::normal_distribution<double> nd(0.0, 1.0);
+  auto rand_a = [&](size_t n, double sd) {
+    std::vector<A> v(n);
+    for (auto& e : v) e = static_cast<A>(sd * nd(rng));
+    return v;
+  };
+  const int W = 5, HW = H * W;
+  std::vector<A> rowsum = rand_a(size_t(B) * H * C, 3.0), w1 = rand_a(size_t(R) * C, 0.3),
+                 w2 = rand_a(size_t(C) * R, 0.3), wp = rand_a(size_t(C) * C, 0.5), rowdot = rand_a(size_t(B) * H * C, 2.0);
+  std::vector<A> w1t(size_t(C) * R), w2t(size_t(R) * C);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      w1t[size_t(c) * R + r] = w1[size_t(r) * C + c];
+      w2t[size_t(r) * C + c] = w2[size_t(c) * R + r];
+    }
+  std::vector<A> scale(B);
+  for (int b = 0; b < B; ++b) scale[b] = static_cast<A>(b % 2 ? 0.0 : 1.0 / 0.7);  // drop-path: kept or dropped
+  const A* scale_p = with_scale ? scale.data() : nullptr;
+
+  // reference
+  std::vector<double> pooled(size_t(B) * C), a(size_t(B) * R), h(size_t(B) * R), s(size_t(B) * C),
+      gate(size_t(B) * C), wf(size_t(B) * C * C), gz(size_t(B) * C), ga(size_t(B) * R), gp(size_t(B) * C),
+      gw1(size_t(R) * C, 0.0), gw2(size_t(C) * R, 0.0);
+  for (int b = 0; b < B; ++b) {
+    const double sc = with_scale ? double(scale[b]) : 1.0;
+    for (int c = 0; c < C; ++c) {
+      double t = 0;
+      for (int i = 0; i < H; ++i) t += rowsum[(size_t(b) * H + i) * C + c];
+      pooled[size_t(b) * C + c] = t / HW;
+    }
+    for (int r = 0; r < R; ++r) {
+      double t = 0;
+      for (int c = 0; c < C; ++c) t += pooled[size_t(b) * C + c] * w1[size_t(r) * C + c];
+      a[size_t(b) * R + r] = t;
+      h[size_t(b) * R + r] = gelu_d(t);
+    }
+    for (int c = 0; c < C; ++c) {
+      double t = 0;
+      for (int r = 0; r < R; ++r) t += h[size_t(b) * R + r] * w2[size_t(c) * R + r];
+      s[size_t(b) * C + c] = 1 / (1 + std::exp(-t));
+      gate[size_t(b) * C + c] = s[size_t(b) * C + c] * sc;
+      double gs = 0;
+      for (int i = 0; i < H; ++i) gs += rowdot[(size_t(b) * H + i) * C + c];
+      gz[size_t(b) * C + c] = gs * sc * s[size_t(b) * C + c] * (1 - s[size_t(b) * C + c]);
+    }
+    for (int co = 0; co < C; ++co)
+      for (int ci = 0; ci < C; ++ci)
+        wf[(size_t(b) * C + co) * C + ci] = double(wp[size_t(co) * C + ci]) * gate[size_t(b) * C + ci];
+    for (int r = 0; r < R; ++r) {
+      double t = 0;
+      for (int c = 0; c < C; ++c) t += gz[size_t(b) * C + c] * w2[size_t(c) * R + r];
+      ga[size_t(b) * R + r] = t * gelu_grad_d(a[size_t(b) * R + r]);
+    }
+    for (int c = 0; c < C; ++c) {
+      double t = 0;
+      for (int r = 0; r < R; ++r) t += ga[size_t(b) * R + r] * w1[size_t(r) * C + c];
+      gp[size_t(b) * C + c] = t;
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        gw1[size_t(r) * C + c] += ga[size_t(b) * R + r] * pooled[size_t(b) * C + c];
+        gw2[size_t(c) * R + r] += gz[size_t(b) * C + c] * h[size_t(b) * R + r];
+      }
+  }
+
+  // the kernels, chained as cuda.cu chains them
+  std::vector<A> k_pooled(size_t(B) * C), k_a(size_t(B) * R), k_h(size_t(B) * R), k_h2(size_t(B) * R),
+      k_s(size_t(B) * C), k_gate(size_t(B) * C), k_gate2(size_t(B) * C), k_gz(size_t(B) * C), k_ga(size_t(B) * R),
+      k_gp(size_t(B) * C);
+  std::vector<S> k_wf(size_t(B) * C * C);
+  auto mm_grid = [](int b, int r) { return dim3(unsigned((int64_t(b) * r * 32 + 255) / 256)); };
+  cuda_emu::launch(dim3(2), dim3(64), [&] {  // grid-stride
+    sum_rows_kernel<A>(rowsum.data(), B, H, C, PoolEpi<A>{k_pooled.data(), A(1) / A(HW), C});
+  });
+  expect_close("SE pooled", k_pooled, pooled, tol, tag);
+  // forward: h only; backward's recompute: a and h, s and the gate
+  cuda_emu::launch(mm_grid(B, R), dim3(256),
+                   [&] { small_mm_kernel<A>(k_pooled.data(), w1.data(), B, R, C, HiddenEpi<A>{nullptr, k_h.data(), R}); });
+  cuda_emu::launch(mm_grid(B, C), dim3(256), [&] {
+    small_mm_kernel<A>(k_h.data(), w2.data(), B, C, R, GateEpi<A>{scale_p, k_gate.data(), nullptr, C});
+  });
+  cuda_emu::launch(mm_grid(B, R), dim3(256), [&] {
+    small_mm_kernel<A>(k_pooled.data(), w1.data(), B, R, C, HiddenEpi<A>{k_a.data(), k_h2.data(), R});
+  });
+  cuda_emu::launch(mm_grid(B, C), dim3(256), [&] {
+    small_mm_kernel<A>(k_h2.data(), w2.data(), B, C, R, GateEpi<A>{scale_p, k_gate2.data(), k_s.data(), C});
+  });
+  expect_close("SE hidden (forward)", k_h, h, tol, tag);
+  expect_close("SE gate (forward)", k_gate, gate, tol, tag);
+  expect_close("SE a (backward)", k_a, a, tol, tag);
+  expect_close("SE hidden (backward)", k_h2, h, tol, tag);
+  expect_close("SE s (backward)", k_s, s, tol, tag);
+  expect_close("SE gate (backward)", k_gate2, gate, tol, tag);
+  cuda_emu::launch(dim3(5), dim3(64), [&] {  // grid-stride
+    fold_kernel<S, A>(wp.data(), k_gate.data(), k_wf.data(), int64_t(B) * C * C, C);
+  });
+  expect_close("fold", k_wf, wf, sizeof(S) == 2 ? 8e-3 : tol, tag);
+  cuda_emu::launch(dim3(2), dim3(64), [&] {
+    sum_rows_kernel<A>(rowdot.data(), B, H, C, GateGradEpi<A>{scale_p, k_s.data(), k_gz.data(), C});
+  });
+  expect_close("SE gz", k_gz, gz, tol, tag);
+  cuda_emu::launch(mm_grid(B, R), dim3(256), [&] {
+    small_mm_kernel<A>(k_gz.data(), w2t.data(), B, R, C, GeluGradEpi<A>{k_a.data(), k_ga.data(), R});
+  });
+  expect_close("SE ga", k_ga, ga, tol, tag);
+  cuda_emu::launch(mm_grid(B, C), dim3(256),
+                   [&] { small_mm_kernel<A>(k_ga.data(), w1t.data(), B, C, R, StoreEpi<A>{k_gp.data(), C}); });
+  expect_close("SE gp", k_gp, gp, tol, tag);
+  // the SE weights' grads: fc1's in S, fc2's in float (both kinds of store in one launch)
+  std::vector<S> k_gw1(size_t(R) * C);
+  std::vector<float> k_gw2(size_t(C) * R);
+  cuda_emu::launch(dim3(3), dim3(64), [&] {  // grid-stride
+    se_weight_grad_kernel<S, A>(k_ga.data(), k_pooled.data(), k_gz.data(), k_h2.data(), B, R, C, k_gw1.data(), false,
+                                k_gw2.data(), true);
+  });
+  expect_close("SE grad_fc1", k_gw1, gw1, sizeof(S) == 2 ? 8e-3 : tol, tag);
+  expect_close("SE grad_fc2", k_gw2, gw2, sizeof(A) == 8 ? 1e-7 : tol, tag);  // stored as float
 }
 
 template <typename S, typename A>
@@ -254,6 +474,17 @@ int main() {
   run_small_mm<float>(3, 5, 7);
   run_small_mm<float>(2, 7, 128);
   run_small_mm<double>(3, 6, 300);
+  // The weights' packing and the grads' stores: all in x's dtype, all float32, and mixed.
+  run_weights<bf16, float>(24, 6, 0u, 5);
+  run_weights<bf16, float>(24, 6, 0x3fu, 9);
+  run_weights<bf16, float>(40, 10, 0x15u, 3);
+  run_weights<float, float>(24, 6, 0x3fu, 4);
+  run_weights<double, double>(17, 5, 0u, 7);
+  // The SE chain: C and R below, at and above a warp's unrolled step; with and without drop-path's scale.
+  run_se<float, float>(3, 4, 24, 6, false);
+  run_se<float, float>(2, 3, 160, 40, true);
+  run_se<double, double>(3, 5, 36, 9, true);
+  run_se<bf16, float>(2, 4, 24, 6, true);
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -109,6 +109,38 @@ def test_cuda_amp_weights_float32(dtype):
         assert rel_err(g, r) < TOL[dtype][1]
 
 
+def test_cuda_mixed_weight_dtypes_per_weight():
+    """A direct op call may mix float32 and bf16 weights (each is x's dtype or float32): the kernels
+    read each weight in its own dtype (pack_weights_kernel) and store each grad in its weight's dtype.
+    The same values all in float32 must give the same output bit for bit and the same grads up to
+    the bf16 grads' final rounding."""
+    x, ws = make_inputs(2, 9, 7, 40, 10, dtype=torch.bfloat16, wdtype=torch.float32, device="cuda")
+    mixed = [w.to(torch.bfloat16) if i % 2 else w for i, w in enumerate(ws)]  # ln_bias, fc1, pw in bf16
+    as_f32 = [w.float() for w in mixed]  # the same values, all float32
+    fwd, bwd = torch.ops.dbsam.channel_attention_forward, torch.ops.dbsam.channel_attention_backward
+    out_m, out_f = fwd(x, *mixed, None, 1e-6), fwd(x, *as_f32, None, 1e-6)
+    for a, b in zip(out_m, out_f):
+        assert torch.equal(a, b)
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x)
+    g_m = bwd(gy, x, *mixed, None, *out_m[1:], 1e-6)
+    g_f = bwd(gy, x, *as_f32, None, *out_f[1:], 1e-6)
+    assert torch.equal(g_m[0], g_f[0])
+    for gm, gf, w in zip(g_m[1:], g_f[1:], mixed):
+        assert gm.dtype == w.dtype and gm.shape == w.shape
+        assert torch.equal(gm, gf.to(w.dtype))
+
+
+def test_cuda_empty_batch():
+    x, ws = make_inputs(0, 4, 3, 8, 2, dtype=torch.float32, device="cuda")
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    y = channel_attention(x, *ws, backend="cuda")
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y, [x, *ws], torch.randn_like(y))
+    for g, w in zip(grads, [x, *ws]):
+        assert g.shape == w.shape and g.dtype == w.dtype and not g.abs().sum().item()
+
+
 def test_cuda_branch_scale():
     scale = torch.tensor([0.0, 2.0, 1.25], device="cuda")
     y, grads, yr, gr, _ = _run((3, 5, 6, 24, 6), torch.float32, scale=scale)
