@@ -126,8 +126,8 @@ def test_kernels_compile_for_sm90_without_a_gpu(compiled_triton):
     # The interpreter runs the kernels as numpy and accepts what the compiler rejects (a plain
     # float global read inside a kernel failed the first GPU run): compile each kernel for sm90 in
     # a fresh process without TRITON_INTERPRET (Triton bundles ptxas; no GPU is needed).
-    assert compiled_triton(_COMPILE_SM90).split() == ["dw_backward_kernel", "dw_gelu_kernel", "grad_pre_kernel",
-                                                      "ln_backward_kernel", "ln_stats_kernel"]
+    assert compiled_triton(_COMPILE_SM90).split() == ["dw_backward_kernel", "dw_gelu_kernel", "gate_dot_kernel",
+                                                      "grad_pre_kernel", "ln_backward_kernel", "ln_stats_kernel"]
 
 
 def test_triton_opcheck():

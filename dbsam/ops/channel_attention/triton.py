@@ -3,9 +3,10 @@
 Stages (as the CUDA backend): LN statistics; LN-apply + DW3x3 + GELU + per-tile channel sums; the SE
 MLP on [B, C] (torch, tiny); the 1x1 conv as one batched GEMM (torch.baddbmm, i.e. cuBLAS) with the SE
 gate and drop-path factor folded into the weight per image and the residual as the addend; the DW
-output is written out (pre, saved). Backward: GELU from pre (torch), torch GEMMs for grad_pw and the
-grad at the gated activations, one torch reduction for the SE input gradient, then Triton kernels for
-the GELU derivative, the transposed DW (+ grad_dw and LN-affine partials) and the LN backward.
+output is written out (pre, saved). Backward: the grad at the gated activations (torch GEMM), then one
+Triton pass over pre and it for the gated activations and the SE gate's gradient sums (gate_dot),
+grad_pw (torch GEMM), the SE backward (torch, tiny), then Triton kernels for the GELU derivative, the
+transposed DW (+ grad_dw and LN-affine partials) and the LN backward.
 
 Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (slow; for tests on tiny shapes).
 float32, float16, bfloat16 (float32 statistics and accumulation); float64 is left to the cpu/reference
@@ -100,7 +101,7 @@ def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
     pre = torch.empty_like(xc)  # the DW output, saved for the backward in x's dtype
     block_w, block_c = _tiles(W, C)
     nwb = triton_cdiv(W, block_w)
-    rowpart = torch.zeros((B * H, nwb, C), device=x.device, dtype=torch.float32)
+    rowpart = torch.empty((B * H, nwb, C), device=x.device, dtype=torch.float32)  # every tile writes its row
     if P > 0:
         bc_full = _next_pow2(C)
         bp = max(1, min(16, 4096 // bc_full))
@@ -128,18 +129,23 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
     P, HW = B * H * W, H * W
     block_w, block_c = _tiles(W, C)
     nwb = triton_cdiv(W, block_w)
-    # The DW output is saved (pre); GELU is recomputed from it, the DW conv is not.
-    # A float32 copy (never pre itself, which autograd saved): grad_pre_kernel writes it in place.
-    dpre = pre.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    u = F.gelu(dpre).to(x.dtype)
+    # The DW output is saved (pre); GELU is recomputed from it (in the kernels), the DW conv is not.
     a = pooled @ w1.t()
     h = F.gelu(a)
     s = torch.sigmoid(h @ w2.t())
     s_eff = s * branch_scale[:, None] if branch_scale is not None else s
+    s_c = s_eff.contiguous()
+    prec = pre.contiguous()
     gy2 = gyc.view(P, C)
-    gpw = gy2.t() @ (u.view(B, HW, C) * s_eff[:, None, :].to(x.dtype)).view(P, C)
-    gv = gy2 @ wp.to(x.dtype)  # [P, Cin]
-    gs = (gv.view(B, HW, C).float() * u.view(B, HW, C).float()).sum(1)
+    gv = gy2 @ wp.to(x.dtype)  # [P, Cin]: the grad at the gated activations
+    v = torch.empty_like(xc)  # GELU(pre) * s_eff, for grad_pw
+    rowpart = torch.empty((B * H, nwb, C), device=x.device, dtype=torch.float32)  # every tile writes its row
+    if P > 0:
+        K.gate_dot_kernel[(B * H, nwb, triton_cdiv(C, block_c))](prec, gv, s_c, v, rowpart, H, W, C, nwb,
+                                                                  BLOCK_W=block_w, BLOCK_C=block_c, num_warps=8)
+    gpw = gy2.t() @ v.view(P, C)
+    del v
+    gs = rowpart.view(B, H * nwb, C).sum(1)
     if branch_scale is not None:
         gs = gs * branch_scale[:, None]
     gz = gs * s * (1 - s)
@@ -147,17 +153,19 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
     ga = torch.ops.aten.gelu_backward(gz @ w2, a)
     gw1 = ga.t() @ pooled
     gp = (ga @ w1).contiguous()
-    s_c = s_eff.contiguous()
     gn = torch.empty((B, H, W, C), device=x.device, dtype=torch.float32)
-    part = torch.zeros((B * H * nwb, 11, C), device=x.device, dtype=torch.float32)
+    part = torch.empty((B * H * nwb, 11, C), device=x.device, dtype=torch.float32)  # every tile writes its rows
     gx = torch.empty_like(xc)
     if P > 0:
         total = P * C
         blk = 1024
-        K.grad_pre_kernel[(triton_cdiv(total, blk),)](gv, dpre, s_c, gp, total, HW * C, C, 1.0 / HW, BLOCK=blk)
+        gd = torch.empty((B, H, W, C), device=x.device, dtype=torch.float32)
+        K.grad_pre_kernel[(triton_cdiv(total, blk),)](gv, prec, s_c, gp, gd, total, HW * C, C, 1.0 / HW,
+                                                      BLOCK=blk)
         K.dw_backward_kernel[(B * H, nwb, triton_cdiv(C, block_c))](
-            dpre, xc, mean, rstd, g, be, wt, gn, part, H, W, C, nwb, BLOCK_W=block_w, BLOCK_C=block_c,
+            gd, xc, mean, rstd, g, be, wt, gn, part, H, W, C, nwb, BLOCK_W=block_w, BLOCK_C=block_c,
             num_warps=8)
+        del gd
         bc_full = _next_pow2(C)
         bp = max(1, min(16, 4096 // bc_full))
         K.ln_backward_kernel[(triton_cdiv(P, bp),)](gn, xc, gyc, mean, rstd, g, gx, P, C, BLOCK_P=bp,
