@@ -149,6 +149,20 @@ void launch_sum_rows(const acc_t* v, int64_t B, int64_t H, int64_t C, Epi epi, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward's op-math buffer, one allocation: the packed weights (WeightLayout, with W1^T and
+// W2^T), the SE's vectors a, h [B, R] and s, gate, gz, gp [B, C], ga [B, R], and the per-row gate
+// grad sums rowdot [B, H, C].
+template <typename acc_t>
+struct BackwardBuffer {
+  acc_t *w, *a, *h, *s, *gate, *gz, *gp, *ga, *rowdot;
+  BackwardBuffer(acc_t* base, const WeightLayout& L, const Dims& d)
+      : w(base), a(base + L.total()), h(a + d.B * d.R), s(h + d.B * d.R), gate(s + d.B * d.C),
+        gz(gate + d.B * d.C), gp(gz + d.B * d.C), ga(gp + d.B * d.C), rowdot(ga + d.B * d.R) {}
+  static int64_t size(const WeightLayout& L, const Dims& d) {
+    return L.total() + d.B * (3 * d.R + 4 * d.C + d.H * d.C);
+  }
+};
+
 unsigned warp_blocks(int64_t P) { return static_cast<unsigned>((P + WARPS - 1) / WARPS); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -254,46 +268,44 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const int H = static_cast<int>(d.H), W = static_cast<int>(d.W), C = static_cast<int>(d.C);
   const int R = static_cast<int>(d.R);
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), prec.data_ptr()});
-  // One op-math buffer: the packed weights (with W1^T and W2^T), then the SE's recomputed and
-  // backward vectors a, h, ga [B, R] and s, gate, gz, gp [B, C], then the per-row gate dots [B, H, C].
   const WeightLayout L{d.C, d.R, true};
-  auto buf = at::empty({L.total() + d.B * (3 * d.R + 4 * d.C + d.H * d.C)}, aopts);
+  auto buf = at::empty({BackwardBuffer<float>::size(L, d)}, aopts);
   std::vector<at::Tensor> keep;
   keep.reserve(7);
   const WeightPtrs wptrs = weight_ptrs({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, keep);
   if (branch_scale.has_value()) keep.push_back(branch_scale->contiguous());
-  auto v = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* wbuf = buf.data_ptr<acc_t>();
-    acc_t* a = wbuf + L.total();
-    acc_t* h = a + d.B * d.R;
-    acc_t* s = h + d.B * d.R;
-    acc_t* gate = s + d.B * d.C;
+    const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
     const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
-    launch_pack<scalar_t, acc_t>(wptrs, L, wbuf, stream);
+    launch_pack<scalar_t, acc_t>(wptrs, L, m.w, stream);
     // The SE recomputed from the saved pooled means: a, h = GELU(a), s = sigmoid(W2 h), gate = s * scale.
-    launch_small_mm(pooled_c.data_ptr<acc_t>(), wbuf + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{a, h, R}, stream);
-    launch_small_mm(static_cast<const acc_t*>(h), wbuf + L.w2(), d.B, d.C, d.R, GateEpi<acc_t>{scale, gate, s, C},
-                    stream);
-    // v = GELU(pre) * gate, the gated activations grad_pw's GEMM reads.
-    with_vec<scalar_t>(vec, [&](auto V) {
-      constexpr int VEC = decltype(V)::value;
-      gated_act_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
-          prec.data_ptr<scalar_t>(), gate, v.data_ptr<scalar_t>(), P, HW, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_small_mm(pooled_c.data_ptr<acc_t>(), m.w + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{m.a, m.h, R}, stream);
+    launch_small_mm(static_cast<const acc_t*>(m.h), m.w + L.w2(), d.B, d.C, d.R,
+                    GateEpi<acc_t>{scale, m.gate, m.s, C}, stream);
   });
-  // grad_pw = gy^T v over all pixels and gv = gy Wp (the grad at the gated activations): two GEMMs with
-  // fp32 accumulation, in x's dtype.
+  // gv = gy Wp (the grad at the gated activations), then one pass over pre and gv for v = GELU(pre) *
+  // gate and the gate's per-row grad sums, then grad_pw = gy^T v: GEMMs with fp32 accumulation in x's
+  // dtype.
   auto gy2 = gyc.view({P, d.C});
-  auto gpw = at::mm(gy2.t(), v.view({P, d.C}));
-  v.reset();
   auto wp_st = pw_weight.reshape({d.C, d.C});
   if (wp_st.scalar_type() != st) wp_st = wp_st.to(st);  // float32 master weights under AMP
   auto gv = at::mm(gy2, wp_st);  // [P, Cin]
   // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
   const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
+  auto v = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
+    with_vec<scalar_t>(vec_gv, [&](auto V) {
+      constexpr int VEC = decltype(V)::value;
+      gate_dot_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
+          gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, v.data_ptr<scalar_t>(), m.rowdot, H, W, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  auto gpw = at::mm(gy2.t(), v.view({P, d.C}));
+  v.reset();
   auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
   auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
   const bool fused = fused_grad();
@@ -302,30 +314,18 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const unsigned f1 = (fc1_weight.scalar_type() == at::kFloat), f2 = (fc2_weight.scalar_type() == at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* wbuf = buf.data_ptr<acc_t>();
-    acc_t* a = wbuf + L.total();
-    acc_t* h = a + d.B * d.R;
-    acc_t* s = h + d.B * d.R;
-    acc_t* gate = s + d.B * d.C;
-    acc_t* gz = gate + d.B * d.C;
-    acc_t* gp = gz + d.B * d.C;
-    acc_t* ga = gp + d.B * d.C;
-    acc_t* rowdot = ga + d.B * d.R;
+    const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
+    acc_t* const wbuf = m.w;
     const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
-    with_vec<scalar_t>(vec_gv, [&](auto V) {
-      constexpr int VEC = decltype(V)::value;
-      chan_dot_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-          gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), rowdot, H, W, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
     // The SE backward: gz at the gate's logit, ga at the hidden pre-activation, gp at the pooled means,
     // and the SE weights' grads (summed over the batch, in their own dtypes).
-    launch_sum_rows(static_cast<const acc_t*>(rowdot), d.B, d.H, d.C, GateGradEpi<acc_t>{scale, s, gz, C}, stream);
-    launch_small_mm(static_cast<const acc_t*>(gz), wbuf + L.w2t(), d.B, d.R, d.C, GeluGradEpi<acc_t>{a, ga, R},
+    launch_sum_rows(static_cast<const acc_t*>(m.rowdot), d.B, d.H, d.C, GateGradEpi<acc_t>{scale, m.s, m.gz, C},
                     stream);
-    launch_small_mm(static_cast<const acc_t*>(ga), wbuf + L.w1t(), d.B, d.C, d.R, StoreEpi<acc_t>{gp, C}, stream);
+    launch_small_mm(static_cast<const acc_t*>(m.gz), wbuf + L.w2t(), d.B, d.R, d.C, GeluGradEpi<acc_t>{m.a, m.ga, R},
+                    stream);
+    launch_small_mm(static_cast<const acc_t*>(m.ga), wbuf + L.w1t(), d.B, d.C, d.R, StoreEpi<acc_t>{m.gp, C}, stream);
     se_weight_grad_kernel<scalar_t, acc_t><<<grid_stride_blocks(2 * d.R * d.C, 256), 256, 0, stream>>>(
-        ga, pooled_c.data_ptr<acc_t>(), gz, h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(), f1 != 0,
+        m.ga, pooled_c.data_ptr<acc_t>(), m.gz, m.h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(), f1 != 0,
         g_fc2.data_ptr(), f2 != 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     with_vec<scalar_t>(vec_gv, [&](auto V) {
@@ -333,13 +333,13 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
       const acc_t inv_hw = acc_t(1) / acc_t(HW);
       if (fused) {
         dw_backward_kernel<scalar_t, acc_t, VEC, true><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), gate, gp, inv_hw, xc.data_ptr<scalar_t>(),
+            nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, inv_hw, xc.data_ptr<scalar_t>(),
             mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
             gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
-            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), gate, gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
+            gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
             gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),

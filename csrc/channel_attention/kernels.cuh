@@ -224,34 +224,46 @@ __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   if (rowsum != nullptr) block_sum_rows<acc_t, 1, VEC>(part, rowsum + (b * H + i) * C, C);
 }
 
-// Per (image, row) channel sums of gv * GELU(pre): the SE gate's gradient, with u = GELU(pre)
-// recomputed from the saved pre-activation. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
+// One pass over the saved pre-activation and gv (the grad at the gated activations), per image row:
+// v = GELU(pre) * gate[b] in x's dtype (what grad_pw's GEMM reads) and the row's channel sums of
+// gv * GELU(pre) (the SE gate's gradient). These were two passes (gated_act over the pixels, then
+// chan_dot_gelu over the rows, 40 + 48 us at 8x64x64x768 bf16 in run 4), each reading pre and
+// evaluating GELU. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void chan_dot_gelu_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
-                                     acc_t* __restrict__ out, int H, int W, int C) {
+__global__ void gate_dot_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                const acc_t* __restrict__ gate, scalar_t* __restrict__ v, acc_t* __restrict__ out,
+                                int H, int W, int C) {
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i = blockIdx.y;
   const int64_t b = blockIdx.z;
   acc_t part[1][VEC] = {};
   if (c < C) {
+    acc_t gt[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) gt[k] = gate[b * C + c + k];
     for (int j = threadIdx.y; j < W; j += TY) {
       const int64_t o = ((b * H + i) * W + j) * C + c;
-      acc_t av[VEC], pv[VEC];
+      acc_t av[VEC], pv[VEC], vv[VEC];
       load_vec<VEC>(gv + o, av);
       load_vec<VEC>(pre + o, pv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) part[0][k] += av[k] * gelu(pv[k]);
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t u = gelu(pv[k]);
+        part[0][k] += av[k] * u;
+        vv[k] = u * gt[k];
+      }
+      store_vec<VEC>(v + o, vv);
     }
   }
   block_sum_rows<acc_t, 1, VEC>(part, out + (b * H + i) * C, C);
 }
 
-// The elementwise passes over [P = B*H*W, C] maps that also read a per-image [B, C] vector: f(idx, bc)
-// for every VEC-channel group, idx its flat offset and bc = b * C + c the image's row. Launched with
-// block (32, WARPS): a warp walks one pixel's channels, VEC per lane and access; pixels grid-stride
-// over threadIdx.y and the blocks. One 64-bit division per pixel (its image b): dividing every
-// element's flat index by HWC and C instead, as these passes first did, ptxas sm_90 made grad_pre
-// 122 instructions per element (bf16, VEC 1).
+// An elementwise pass over [P = B*H*W, C] maps that also reads a per-image [B, C] vector (grad_pre):
+// f(idx, bc) for every VEC-channel group, idx its flat offset and bc = b * C + c the image's row.
+// Launched with block (32, WARPS): a warp walks one pixel's channels, VEC per lane and access; pixels
+// grid-stride over threadIdx.y and the blocks. One 64-bit division per pixel (its image b): dividing
+// every element's flat index by HWC and C instead, as grad_pre first did, ptxas sm_90 made it 122
+// instructions per element (bf16, VEC 1).
 template <int VEC, typename F>
 __device__ __forceinline__ void for_each_pixel_channel(int64_t P, int64_t HW, int C, F f) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; p < P;
@@ -259,20 +271,6 @@ __device__ __forceinline__ void for_each_pixel_channel(int64_t P, int64_t HW, in
     const int64_t b = p / HW;
     for (int c = threadIdx.x * VEC; c < C; c += 32 * VEC) f(p * C + c, b * C + c);
   }
-}
-
-// v = GELU(pre) * s[b] in x's dtype: the gated activations the grad_pw GEMM reads, from the saved
-// pre-activation (one pass instead of the DW recompute and a separate gating multiply).
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void gated_act_kernel(const scalar_t* __restrict__ pre, const acc_t* __restrict__ s,
-                                 scalar_t* __restrict__ v, int64_t P, int64_t HW, int C) {
-  for_each_pixel_channel<VEC>(P, HW, C, [&](int64_t idx, int64_t bc) {
-    acc_t pv[VEC], out[VEC];
-    load_vec<VEC>(pre + idx, pv);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = gelu(pv[k]) * s[bc + k];
-    store_vec<VEC>(v + idx, out);
-  });
 }
 
 // gd = (gv * s[b] + gp[b] / HW) * GELU'(pre), written to an acc_t map for dw_backward_kernel

@@ -106,18 +106,12 @@ static void run_case(int B, int H, int W, int C) {
   });
   expect_close("dw_gelu u (u only)", u_k, u, tol_s, tag);
 
-  // --- gated_act: v = GELU(pre) * s[b] (grid-stride: 3 blocks at most) --------------------------------------
+  // --- gate_dot: v = GELU(pre) * s[b] and per (image, row) sums of gv * GELU(pre), one pass -------------------
   std::vector<A> s = rand_a(int64_t(B) * C, 0.5, 0.2), gp = rand_a(int64_t(B) * C);
-  std::vector<S> v_k(N);
+  std::vector<S> gv = rand_s(N), v_k(N, S(-7.0f));
   const int64_t HWC = int64_t(H) * W * C;
   std::vector<double> v(N);
   for (int64_t k = 0; k < N; ++k) v[k] = gelu_d(double(pre_k[k])) * s[(k / HWC) * C + k % C];
-  cuda_emu::launch(dim3(unsigned(std::min<int64_t>((P + WARPS - 1) / WARPS, 3))), dim3(32, WARPS),  // grid-stride
-                   [&] { gated_act_kernel<S, A, VEC>(pre_k.data(), s.data(), v_k.data(), P, int64_t(H) * W, C); });
-  expect_close("gated_act", v_k, v, tol_s, tag);
-
-  // --- chan_dot_gelu: per (image, row) sums of gv * GELU(pre) ------------------------------------------------
-  std::vector<S> gv = rand_s(N);
   std::vector<A> rowdot_k(int64_t(B) * H * C);
   std::vector<double> rowdot(int64_t(B) * H * C, 0.0);
   for (int b = 0; b < B; ++b)
@@ -125,9 +119,11 @@ static void run_case(int B, int H, int W, int C) {
       for (int j = 0; j < W; ++j)
         for (int c = 0; c < C; ++c)
           rowdot[(int64_t(b) * H + i) * C + c] += double(gv[at(b, i, j) * C + c]) * gelu_d(double(pre_k[at(b, i, j) * C + c]));
-  cuda_emu::launch(tiles, dim3(TX, TY),
-                   [&] { chan_dot_gelu_kernel<S, A, VEC>(gv.data(), pre_k.data(), rowdot_k.data(), H, W, C); });
-  expect_close("chan_dot_gelu", rowdot_k, rowdot, tol, tag);
+  cuda_emu::launch(tiles, dim3(TX, TY), [&] {
+    gate_dot_kernel<S, A, VEC>(gv.data(), pre_k.data(), s.data(), v_k.data(), rowdot_k.data(), H, W, C);
+  });
+  expect_close("gate_dot v", v_k, v, tol_s, tag);
+  expect_close("gate_dot rowdot", rowdot_k, rowdot, tol, tag);
 
   // --- dw_backward: the grad at pre formed on the fly, transposed DW, per-block partials of grad_dw /
   //     grad_ln_weight / grad_ln_bias ----------------------------------------------------------------------
