@@ -3,7 +3,7 @@
 GPU: ViT-B at 1024 x 1024, batch 1, 2, 4; forward (no grad) and training step (forward, Dice + BCE
 on the low-res logits, backward, AdamW step), in fp32 and bf16 autocast, the training step also
 with gradient checkpointing of the frozen ViT blocks. Rows of a group (one configuration):
-  auto                  the fast path: our ops' fastest backend (cuda -> triton) and the ViT
+  auto                  the fast path: our ops as `auto` picks them (the CUDA kernels where built) and the ViT
                         attention through SDPA (model/vit_attention.py)
   reference             the pure-PyTorch reference ops and segment_anything's own attention: DB-SAM
                         as the original code runs it

@@ -4,14 +4,16 @@ A backend is one implementation of an op: "cuda" (hand-written CUDA kernels), "t
 (C++ kernels) or "reference" (pure PyTorch, float64-capable, the definition the others are tested
 against). `auto` picks, for the device of the inputs, the first available of
 cuda -> triton -> cpu -> reference (Triton only for CUDA tensors: on the CPU it runs under its
-interpreter, a testing tool, never a fast path). DBSAM_BACKEND=<name> (read at import) or the context manager
+interpreter, a testing tool, never a fast path), less any backend an op registers with auto=False
+(usable by name only: channel_attention's Triton backend, slower than the reference in every H100
+measurement). DBSAM_BACKEND=<name> (read at import) or the context manager
 `use_backend(name)` forces one; a forced backend that cannot run on the inputs raises, it never
 silently falls back.
 """
 import contextlib
 import os
 import warnings
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Set, Tuple
 
 import torch
 
@@ -20,6 +22,8 @@ AUTO_ORDER = BACKENDS
 
 # Each op registers, per backend, a function `reason(device) -> str` ('' when it can run there).
 _registry: Dict[str, Dict[str, Callable[[torch.device], str]]] = {}
+# Per op, the backends `auto` passes over (registered with auto=False).
+_not_auto: Dict[str, Set[str]] = {}
 
 _forced: Optional[str] = None
 
@@ -54,8 +58,14 @@ def alert_not_deterministic(what: str) -> None:
         raise RuntimeError(msg)
 
 
-def register(op: str, backend: str, reason: Callable[[torch.device], str]) -> None:
+def register(op: str, backend: str, reason: Callable[[torch.device], str], auto: bool = True) -> None:
+    """`reason(device)` says why `backend` cannot run `op` there ('' when it can); auto=False keeps
+    the backend out of `auto`'s choice (it still runs when named or forced)."""
     _registry.setdefault(op, {})[_check_name(backend)] = reason
+    if auto:
+        _not_auto.get(op, set()).discard(backend)
+    else:
+        _not_auto.setdefault(op, set()).add(backend)
 
 
 def get_backend() -> str:
@@ -96,7 +106,7 @@ def resolve(op: str, device: torch.device) -> str:
             raise RuntimeError(f"dbsam backend {_forced!r} was forced but cannot run {op} on {device}: {reason}")
         return _forced
     for name in AUTO_ORDER:
-        if name == "triton" and device.type != "cuda":
+        if (name == "triton" and device.type != "cuda") or name in _not_auto.get(op, ()):
             continue
         if not why_not(op, name, device):
             return name
