@@ -20,8 +20,8 @@
 //   se_weight_grad), grad_pre (the grad at the DW output from gv, pre, the gate and the pooled-mean
 //   gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and LN-affine partial sums per
 //   block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW output inside it instead),
-//   ln_backward (one warp per pixel, + residual), reduce_partials (grad_dw and the LN affine's grads,
-//   in the weights' dtypes). Until 2026-11-27 the backward recomputed the DW conv (214 us at
+//   ln_backward (one warp per pixel, + residual), sum_rows over its partials (grad_dw and the LN
+//   affine's grads, in the weights' dtypes). Until 2026-11-27 the backward recomputed the DW conv (214 us at
 //   8x64x64x768 bf16 on the H100) and gated u in a separate multiply (73 us); saving pre costs one
 //   [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
 // Host calls: everything small is a direct launch into one op-math buffer per call (the weights,
@@ -141,11 +141,11 @@ void launch_small_mm(const acc_t* a, const acc_t* w, int64_t B, int64_t R, int64
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// epi(b, c, sum over h of v[b, h, c]) (sum_rows_kernel: one thread per (b, c)).
+// epi(b, c, sum over h of v[b, h, c]) for v [B, H, C] (sum_rows_kernel).
 template <typename acc_t, typename Epi>
 void launch_sum_rows(const acc_t* v, int64_t B, int64_t H, int64_t C, Epi epi, cudaStream_t stream) {
-  sum_rows_kernel<acc_t, Epi><<<grid_stride_blocks(B * C, 256), 256, 0, stream>>>(
-      v, static_cast<int>(B), static_cast<int>(H), static_cast<int>(C), epi);
+  const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(B));
+  sum_rows_kernel<acc_t, Epi><<<grid, dim3(32, SR), 0, stream>>>(v, H, static_cast<int>(C), epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -356,11 +356,12 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // grad_dw and the LN affine's grads from dw_backward's per-row partials, in their weights' dtypes.
-    reduce_partials_kernel<scalar_t, acc_t><<<grid_stride_blocks(11 * d.C, 256), 256, 0, stream>>>(
-        partials.data_ptr<acc_t>(), d.B * d.H, C, g_dw.data_ptr(), dw_weight.scalar_type() == at::kFloat,
-        g_lnw.data_ptr(), ln_weight.scalar_type() == at::kFloat, g_lnb.data_ptr(),
-        ln_bias.scalar_type() == at::kFloat);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_rows(static_cast<const acc_t*>(partials.data_ptr<acc_t>()), 1, d.B * d.H, 11 * d.C,
+                    PartialsEpi<scalar_t, acc_t>{g_dw.data_ptr(), g_lnw.data_ptr(), g_lnb.data_ptr(),
+                                                 dw_weight.scalar_type() == at::kFloat,
+                                                 ln_weight.scalar_type() == at::kFloat,
+                                                 ln_bias.scalar_type() == at::kFloat, C},
+                    stream);
   });
   return {gx, g_lnw, g_lnb, g_dw, g_fc1, g_fc2, gpw.view(pw_weight.sizes()).to(pw_weight.scalar_type())};
 }

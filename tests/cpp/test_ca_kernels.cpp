@@ -232,7 +232,7 @@ static void run_small_mm(int B, int R, int K) {
 
 // pack_weights_kernel: the six weights, some in S and some in float (AMP's master weights), converted
 // to A and laid out as WeightLayout says (the DW taps and the SE weights' transposes included). Every
-// value is exact (a conversion, no arithmetic). Then reduce_partials_kernel and se_weight_grad_kernel
+// value is exact (a conversion, no arithmetic). Then sum_rows_kernel + PartialsEpi and se_weight_grad_kernel
 // store grads in the same mix of dtypes.
 template <typename S, typename A>
 static void run_weights(int C, int R, unsigned float_mask, int rows) {
@@ -283,7 +283,7 @@ static void run_weights(int C, int R, unsigned float_mask, int rows) {
     expect_close(transposes ? "pack_weights (with transposes)" : "pack_weights", out, want, 0.0, tag);
   }
 
-  // reduce_partials: [rows, 11, C] summed over rows into grad_dw [C, 9] and the LN affine's grads,
+  // the partials: [rows, 11, C] summed over rows into grad_dw [C, 9] and the LN affine's grads,
   // stored in the dtypes of dw_weight (bit 2), ln_weight (bit 0) and ln_bias (bit 1).
   std::vector<A> partials(int64_t(rows) * 11 * C);
   for (auto& v : partials) v = static_cast<A>(nd(rng));
@@ -300,10 +300,11 @@ static void run_weights(int C, int R, unsigned float_mask, int rows) {
   auto out_ptr = [&](int bit, std::vector<S>& s_out, std::vector<float>& f_out) -> void* {
     return ((float_mask >> bit) & 1u) ? static_cast<void*>(f_out.data()) : static_cast<void*>(s_out.data());
   };
-  cuda_emu::launch(dim3(2), dim3(64), [&] {  // grid-stride
-    reduce_partials_kernel<S, A>(partials.data(), rows, C, out_ptr(2, gdw_s, gdw_f), (float_mask >> 2) & 1u,
-                                 out_ptr(0, glnw_s, glnw_f), float_mask & 1u, out_ptr(1, glnb_s, glnb_f),
-                                 (float_mask >> 1) & 1u);
+  cuda_emu::launch(dim3(unsigned((11 * C + 31) / 32)), dim3(32, SR), [&] {
+    sum_rows_kernel<A>(partials.data(), rows, 11 * C,
+                       PartialsEpi<S, A>{out_ptr(2, gdw_s, gdw_f), out_ptr(0, glnw_s, glnw_f), out_ptr(1, glnb_s, glnb_f),
+                                         bool((float_mask >> 2) & 1u), bool(float_mask & 1u),
+                                         bool((float_mask >> 1) & 1u), C});
   });
   const double tol_s = sizeof(S) == 2 ? 8e-3 : sizeof(A) == 8 ? 1e-12 : 2e-6;
   auto check = [&](const char* what, int bit, const std::vector<S>& s_out, const std::vector<float>& f_out,
@@ -314,9 +315,9 @@ static void run_weights(int C, int R, unsigned float_mask, int rows) {
       expect_close(what, s_out, want, tol_s, tag);
     }
   };
-  check("reduce_partials grad_dw", 2, gdw_s, gdw_f, gdw);
-  check("reduce_partials grad_ln_weight", 0, glnw_s, glnw_f, glnw);
-  check("reduce_partials grad_ln_bias", 1, glnb_s, glnb_f, glnb);
+  check("partials grad_dw", 2, gdw_s, gdw_f, gdw);
+  check("partials grad_ln_weight", 0, glnw_s, glnw_f, glnw);
+  check("partials grad_ln_bias", 1, glnb_s, glnb_f, glnb);
 }
 
 // The SE MLP, forward and backward, as cuda.cu chains its kernels: pooled means from per-row sums
@@ -402,9 +403,9 @@ static void run_se(int B, int H, int C, int R, bool with_scale) {
       k_gp(size_t(B) * C);
   std::vector<S> k_wf(size_t(B) * C * C);
   auto mm_grid = [](int b, int r) { return dim3(unsigned((int64_t(b) * r * 32 + 255) / 256)); };
-  cuda_emu::launch(dim3(2), dim3(64), [&] {  // grid-stride
-    sum_rows_kernel<A>(rowsum.data(), B, H, C, PoolEpi<A>{k_pooled.data(), A(1) / A(HW), C});
-  });
+  const dim3 rows_grid(unsigned((C + 31) / 32), unsigned(B));
+  cuda_emu::launch(rows_grid, dim3(32, SR),
+                   [&] { sum_rows_kernel<A>(rowsum.data(), H, C, PoolEpi<A>{k_pooled.data(), A(1) / A(HW), C}); });
   expect_close("SE pooled", k_pooled, pooled, tol, tag);
   // forward: h only; backward's recompute: a and h, s and the gate
   cuda_emu::launch(mm_grid(B, R), dim3(256),
@@ -428,8 +429,8 @@ static void run_se(int B, int H, int C, int R, bool with_scale) {
     fold_kernel<S, A>(wp.data(), k_gate.data(), k_wf.data(), int64_t(B) * C * C, C);
   });
   expect_close("fold", k_wf, wf, sizeof(S) == 2 ? 8e-3 : tol, tag);
-  cuda_emu::launch(dim3(2), dim3(64), [&] {
-    sum_rows_kernel<A>(rowdot.data(), B, H, C, GateGradEpi<A>{scale_p, k_s.data(), k_gz.data(), C});
+  cuda_emu::launch(rows_grid, dim3(32, SR), [&] {
+    sum_rows_kernel<A>(rowdot.data(), H, C, GateGradEpi<A>{scale_p, k_s.data(), k_gz.data(), C});
   });
   expect_close("SE gz", k_gz, gz, tol, tag);
   cuda_emu::launch(mm_grid(B, R), dim3(256), [&] {
@@ -474,12 +475,14 @@ int main() {
   run_weights<bf16, float>(24, 6, 0u, 5);
   run_weights<bf16, float>(24, 6, 0x3fu, 9);
   run_weights<bf16, float>(40, 10, 0x15u, 3);
+  run_weights<float, float>(40, 10, 0x15u, 70);  // rows past sum_rows' unrolled step (4 x 8 rows)
   run_weights<float, float>(24, 6, 0x3fu, 4);
   run_weights<double, double>(17, 5, 0u, 7);
   // The SE chain: C and R below, at and above a warp's unrolled step; with and without drop-path's scale.
   run_se<float, float>(3, 4, 24, 6, false);
   run_se<float, float>(2, 3, 160, 40, true);
   run_se<double, double>(3, 5, 36, 9, true);
+  run_se<float, float>(2, 41, 24, 6, true);  // H past sum_rows' unrolled step
   run_se<bf16, float>(2, 4, 24, 6, true);
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
