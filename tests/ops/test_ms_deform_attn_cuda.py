@@ -397,6 +397,24 @@ def test_cuda_graph_capture_and_replay(dtype, coord_dtype):
                                        atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_no_host_sync_once_the_levels_are_checked():
+    """The level layout is read on the host once per (spatial_shapes, level_start_index) pair (a sync,
+    remembered); after that, forward and backward through the public API never wait for the GPU."""
+    value, spatial, starts, loc, attn = make_inputs(2, 50, 3, 32, LEVELS, 4, dtype=torch.bfloat16,
+                                                    coord_dtype=torch.float32, seed=13)
+    for t in (value, loc, attn):
+        t.requires_grad_()
+    ms_deform_attn(value, spatial, starts, loc, attn).sum().backward()
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ms_deform_attn(value, spatial, starts, loc, attn)
+        torch.autograd.grad(out, [value, loc, attn], torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
 @pytest.mark.parametrize("N,Lq", [(0, 5), (2, 0), (0, 0)])
 def test_empty(N, Lq):
     value, spatial, starts, loc, attn = make_inputs(max(N, 1), max(Lq, 1), 2, 8, LEVELS, 2, dtype=torch.float32)
