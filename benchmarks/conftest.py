@@ -57,3 +57,21 @@ def report_bandwidth(benchmark, floor_bytes: int, copy_bw: float) -> None:
         bw = floor_bytes / median
         benchmark.extra_info["effective_GBps"] = round(bw / 1e9, 2)
         benchmark.extra_info["pct_of_copy"] = round(100 * bw / copy_bw, 2)
+
+
+def record_host_time(benchmark, work, reps: int = 10) -> None:
+    """GPU rows: the median time `work()` (one step without its final sync) takes to return, i.e. to
+    queue its launches, as extra_info["host_us"]. Near the row's median, the step is host-bound: the
+    GPU waits for launches (the adapter at B = 1 in runs 3-4 read that way), and a faster kernel
+    would not show."""
+    if not ON_GPU:
+        return
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+        sync()
+    benchmark.extra_info["host_us"] = round(1e6 * statistics.median(times), 1)
+

@@ -1,6 +1,7 @@
 """Prints a short table from pytest-benchmark JSON files: median time per benchmark, the speed-up
 over the reference backend of the same group, and the extra_info fields (effective GB/s, % of
-copy bandwidth) when the benchmark recorded them, and the peak GPU memory with its ratio to the
+copy bandwidth, and host_us: the time a step takes to queue its launches, near the median when the
+step is host-bound) when the benchmark recorded them, and the peak GPU memory with its ratio to the
 reference's and the activation bytes saved for backward where the benchmark recorded them (the
 model benchmarks).
 
@@ -55,20 +56,23 @@ def main(argv) -> int:
                         if r["backend"] == base and r["extra"].get("peak_memory_MiB")})
     with_mem = any(r["extra"].get("peak_memory_MiB") for r in rows)
     mem_head = f" {'peak_MiB':>9} {'mem/ref':>7} {'saved_MiB':>9}" if with_mem else ""
-    print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6}" + mem_head)
+    print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6} {'host_us':>8}"
+          + mem_head)
     for r in sorted(rows, key=lambda r: (r["group"], r["median"] or float("inf"))):
         med = r["median"]
         us = f"{med * 1e6:.1f}" if med else "-"
         speed = f"{ref[r['group']] / med:.1f}x" if med and r["group"] in ref else "-"
         gbps = r["extra"].get("effective_GBps", "-")
         pct = r["extra"].get("pct_of_copy", "-")
+        host = r["extra"].get("host_us", "-")
         mem = ""
         if with_mem:
             peak = r["extra"].get("peak_memory_MiB")
             ratio = f"{peak / ref_mem[r['group']]:.2f}x" if peak and r["group"] in ref_mem else "-"
             saved = r["extra"].get("saved_for_backward_MiB", "-")
             mem = f" {peak if peak else '-'!s:>9} {ratio:>7} {saved!s:>9}"
-        print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6}" + mem)
+        print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6} {host!s:>8}"
+              + mem)
     return 0
 
 

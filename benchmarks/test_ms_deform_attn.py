@@ -16,7 +16,7 @@ import torch
 from dbsam.ops import ms_deform_attn, ms_deform_attn_reference
 from dbsam.ops._backends import why_not
 
-from conftest import DEVICE, ON_GPU, report_bandwidth, sync
+from conftest import DEVICE, ON_GPU, record_host_time, report_bandwidth, sync
 from msda_inputs import case_inputs
 
 # name: (Lq, levels, M, D, P)
@@ -116,14 +116,18 @@ def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
     value, spatial, starts, loc, attn, levels = make(name, N, dtype, locality)
     fn = runner(backend, levels)
 
-    def step():
+    def work():
         with torch.no_grad():
-            out = fn(value, spatial, starts, loc, attn)
+            return fn(value, spatial, starts, loc, attn)
+
+    def step():
+        out = work()
         sync()
         return out
 
     benchmark.group = f"msda-fwd-{name}-N{N}-{dtype}" + ("-uniform" if locality == "uniform" else "")
     benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=2)
+    record_host_time(benchmark, work)
     report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=False), copy_bandwidth)
 
 
@@ -136,12 +140,15 @@ def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype, lo
     value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
     grad = torch.randn(N, loc.shape[1], value.shape[2] * value.shape[3], device=DEVICE, dtype=value.dtype)
 
+    def work():
+        return torch.autograd.grad(fn(value, spatial, starts, loc, attn), (value, loc, attn), grad)
+
     def step():
-        out = fn(value, spatial, starts, loc, attn)
-        grads = torch.autograd.grad(out, (value, loc, attn), grad)
+        grads = work()
         sync()
         return grads
 
     benchmark.group = f"msda-fwdbwd-{name}-N{N}-{dtype}" + ("-uniform" if locality == "uniform" else "")
     benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=1)
+    record_host_time(benchmark, work)
     report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=True), copy_bandwidth)
