@@ -4,16 +4,16 @@ A backend is one implementation of an op: "cuda" (hand-written CUDA kernels), "t
 (C++ kernels) or "reference" (pure PyTorch, float64-capable, the definition the others are tested
 against). `auto` picks, for the device of the inputs, the first available of
 cuda -> triton -> cpu -> reference (Triton only for CUDA tensors: on the CPU it runs under its
-interpreter, a testing tool, never a fast path), less any backend an op registers with auto=False
-(usable by name only: channel_attention's Triton backend, slower than the reference in every H100
-measurement). DBSAM_BACKEND=<name> (read at import) or the context manager
+interpreter, a testing tool, never a fast path), less any backend an op registers with a
+`not_auto` reason (usable by name or when forced: channel_attention's Triton backend, slower than the
+reference in every H100 measurement). DBSAM_BACKEND=<name> (read at import) or the context manager
 `use_backend(name)` forces one; a forced backend that cannot run on the inputs raises, it never
 silently falls back.
 """
 import contextlib
 import os
 import warnings
-from typing import Callable, Dict, Iterator, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -22,8 +22,8 @@ AUTO_ORDER = BACKENDS
 
 # Each op registers, per backend, a function `reason(device) -> str` ('' when it can run there).
 _registry: Dict[str, Dict[str, Callable[[torch.device], str]]] = {}
-# Per op, the backends `auto` passes over (registered with auto=False).
-_not_auto: Dict[str, Set[str]] = {}
+# Per op, the backends `auto` passes over, with why (register(..., not_auto=...)).
+_not_auto: Dict[str, Dict[str, str]] = {}
 
 _forced: Optional[str] = None
 
@@ -58,14 +58,15 @@ def alert_not_deterministic(what: str) -> None:
         raise RuntimeError(msg)
 
 
-def register(op: str, backend: str, reason: Callable[[torch.device], str], auto: bool = True) -> None:
-    """`reason(device)` says why `backend` cannot run `op` there ('' when it can); auto=False keeps
-    the backend out of `auto`'s choice (it still runs when named or forced)."""
+def register(op: str, backend: str, reason: Callable[[torch.device], str], not_auto: str = "") -> None:
+    """`reason(device)` says why `backend` cannot run `op` there ('' when it can). A non-empty
+    `not_auto` keeps the backend out of `auto`'s choice, for the reason it gives (the backend still
+    runs when named or forced)."""
     _registry.setdefault(op, {})[_check_name(backend)] = reason
-    if auto:
-        _not_auto.get(op, set()).discard(backend)
+    if not_auto:
+        _not_auto.setdefault(op, {})[backend] = not_auto
     else:
-        _not_auto.setdefault(op, set()).add(backend)
+        _not_auto.get(op, {}).pop(backend, None)
 
 
 def get_backend() -> str:
@@ -106,7 +107,7 @@ def resolve(op: str, device: torch.device) -> str:
             raise RuntimeError(f"dbsam backend {_forced!r} was forced but cannot run {op} on {device}: {reason}")
         return _forced
     for name in AUTO_ORDER:
-        if (name == "triton" and device.type != "cuda") or name in _not_auto.get(op, ()):
+        if (name == "triton" and device.type != "cuda") or name in _not_auto.get(op, {}):
             continue
         if not why_not(op, name, device):
             return name
@@ -124,7 +125,10 @@ def report(devices: Tuple[str, ...] = ("cpu", "cuda")) -> str:
                 if name not in _registry[op]:
                     continue
                 reason = why_not(op, name, device)
-                lines.append(f"  {name:<10} {'available' if not reason else 'unavailable: ' + reason}")
+                state = "available" if not reason else "unavailable: " + reason
+                if name in _not_auto.get(op, {}):
+                    state += f" (auto passes over it: {_not_auto[op][name]})"
+                lines.append(f"  {name:<10} {state}")
             try:
                 lines.append(f"  auto -> {resolve(op, device)}")
             except RuntimeError as exc:

@@ -119,6 +119,7 @@ def test_auto_passes_over_triton_on_a_gpu_without_the_cuda_build(monkeypatch):
     assert _backends.resolve("channel_attention", gpu) == "reference"
     assert _backends.resolve("ms_deform_attn", gpu) == "triton"
     assert _backends.why_not("channel_attention", "triton", gpu) == ""
+    assert "auto passes over it: slower than the reference" in _backends.report(("cuda",))  # python -m dbsam.ops
     with ops.use_backend("triton"):
         assert _backends.resolve("channel_attention", gpu) == "triton"
 

@@ -150,7 +150,8 @@ _backends.register(OP, "cuda", lambda device: _native_reason("cuda", device))
 # (e.g. 8x64x64x768 bf16 fwd+bwd 3893 against 2375 us), so a GPU without the CUDA build is better
 # served by the reference; the Triton backend runs when named (it keeps a quarter of the reference's
 # activations). Revisit when a run shows it ahead (benchmarks/NOTES.md section 10).
-_backends.register(OP, "triton", _triton_reason, auto=False)
+_backends.register(OP, "triton", _triton_reason,
+                   not_auto="slower than the reference composition in every H100 run (benchmarks/NOTES.md)")
 _backends.register(OP, "cpu", lambda device: _native_reason("cpu", device))
 _backends.register(OP, "reference", lambda device: "")
 
@@ -208,7 +209,7 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
         branch_scale = branch_scale.detach().to(stat_dtype(x.dtype))
     name = _backends._check_name(backend) if backend is not None else "auto"
     if name == "auto":
-        name = _backends.resolve(OP, x.device)  # never triton for this op (registered auto=False)
+        name = _backends.resolve(OP, x.device)  # never triton for this op (see its registration)
     else:
         reason = _backends.why_not(OP, name, x.device)
         if reason:
