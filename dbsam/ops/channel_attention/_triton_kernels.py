@@ -2,11 +2,10 @@
 
 Same stages as csrc/channel_attention/cuda.cu: LN statistics; LN-apply + DW3x3 + GELU + per-tile
 channel sums; the gated activations + the gate's gradient sums (gate_dot); GELU-derivative/pooled-
-gradient pass; transposed DW + grad_dw/LN-affine partials; LN
-backward. All math in float32 (inputs float32/float16/bfloat16). Only core tl features present in both
-Triton 3.6 and 3.8 are used (tl.erf, tl.static_range, masks), and no @triton.jit helper functions
-(the LN-apply of a tap is written inline), which also keeps the interpreter happy when TRITON_INTERPRET
-is set after triton was imported.
+gradient pass; transposed DW + grad_dw/LN-affine partials; LN backward. All math in float32 (inputs
+float32/float16/bfloat16). Only core tl features present in both Triton 3.6 and 3.8 are used (tl.erf,
+tl.static_range, masks), and no @triton.jit helper functions (the LN-apply of a tap is written
+inline), which also keeps the interpreter happy when TRITON_INTERPRET is set after triton was imported.
 """
 import triton
 import triton.language as tl
