@@ -112,19 +112,31 @@ void with_vec(int vec, F&& f) {
   }
 }
 
-// The six weights' pointers for pack_weights_kernel, each made contiguous first (`keep` holds any copy
-// until the launch is queued), with the mask of those stored in float32.
-WeightPtrs weight_ptrs(std::initializer_list<const at::Tensor*> weights, std::vector<at::Tensor>& keep) {
-  WeightPtrs w{};
-  int i = 0;
-  for (const at::Tensor* t : weights) {
-    keep.push_back(t->contiguous());
-    w.p[i] = keep.back().data_ptr();
-    if (t->scalar_type() == at::kFloat) w.float_mask |= 1u << i;
-    ++i;
+// The op's six weights as pack_weights_kernel reads them (each made contiguous; a copy, if one was
+// needed, lives until the launches are queued), which of them are float32 (their grads are stored
+// in the same dtype), and branch_scale.
+struct SmallInputs {
+  std::vector<at::Tensor> kept;
+  WeightPtrs ptrs{};
+  at::Tensor scale;  // undefined without branch_scale
+
+  SmallInputs(std::initializer_list<const at::Tensor*> weights, const c10::optional<at::Tensor>& branch_scale) {
+    kept.reserve(weights.size());
+    int i = 0;
+    for (const at::Tensor* t : weights) {
+      kept.push_back(t->contiguous());
+      ptrs.p[i] = kept.back().data_ptr();
+      if (t->scalar_type() == at::kFloat) ptrs.float_mask |= 1u << i;
+      ++i;
+    }
+    if (branch_scale.has_value()) scale = branch_scale->contiguous();
   }
-  return w;
-}
+  bool is_float(WeightIndex i) const { return (ptrs.float_mask >> i) & 1u; }
+  template <typename acc_t>
+  const acc_t* scale_ptr() const {
+    return scale.defined() ? scale.data_ptr<acc_t>() : nullptr;
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void launch_pack(const WeightPtrs& w, const WeightLayout& L, acc_t* out, cudaStream_t stream) {
@@ -190,10 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   // and the gate [B, C].
   const WeightLayout L{d.C, d.R, false};
   auto buf = at::empty({L.total() + d.B * (d.H * d.C + d.R + d.C)}, aopts);
-  std::vector<at::Tensor> keep;
-  keep.reserve(7);
-  const WeightPtrs wptrs = weight_ptrs({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, keep);
-  if (branch_scale.has_value()) keep.push_back(branch_scale->contiguous());
+  const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
@@ -202,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     acc_t* rowsum = wbuf + L.total();
     acc_t* hidden = rowsum + d.B * d.H * d.C;
     acc_t* gate = hidden + d.B * d.R;
-    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
-    launch_pack<scalar_t, acc_t>(wptrs, L, wbuf, stream);
+    const acc_t* scale = in.scale_ptr<acc_t>();
+    launch_pack<scalar_t, acc_t>(in.ptrs, L, wbuf, stream);
     with_vec<scalar_t>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
@@ -270,15 +279,12 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), gyc.data_ptr(), prec.data_ptr()});
   const WeightLayout L{d.C, d.R, true};
   auto buf = at::empty({BackwardBuffer<float>::size(L, d)}, aopts);
-  std::vector<at::Tensor> keep;
-  keep.reserve(7);
-  const WeightPtrs wptrs = weight_ptrs({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, keep);
-  if (branch_scale.has_value()) keep.push_back(branch_scale->contiguous());
+  const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
-    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
-    launch_pack<scalar_t, acc_t>(wptrs, L, m.w, stream);
+    const acc_t* scale = in.scale_ptr<acc_t>();
+    launch_pack<scalar_t, acc_t>(in.ptrs, L, m.w, stream);
     // The SE recomputed from the saved pooled means: a, h = GELU(a), s = sigmoid(W2 h), gate = s * scale.
     launch_small_mm(pooled_c.data_ptr<acc_t>(), m.w + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{m.a, m.h, R}, stream);
     launch_small_mm(static_cast<const acc_t*>(m.h), m.w + L.w2(), d.B, d.C, d.R,
@@ -311,12 +317,11 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const bool fused = fused_grad();
   at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
   if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
-  const unsigned f1 = (fc1_weight.scalar_type() == at::kFloat), f2 = (fc2_weight.scalar_type() == at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
     acc_t* const wbuf = m.w;
-    const acc_t* scale = branch_scale.has_value() ? keep.back().data_ptr<acc_t>() : nullptr;
+    const acc_t* scale = in.scale_ptr<acc_t>();
     // The SE backward: gz at the gate's logit, ga at the hidden pre-activation, gp at the pooled means,
     // and the SE weights' grads (summed over the batch, in their own dtypes).
     launch_sum_rows(static_cast<const acc_t*>(m.rowdot), d.B, d.H, d.C, GateGradEpi<acc_t>{scale, m.s, m.gz, C},
@@ -325,8 +330,8 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
                     stream);
     launch_small_mm(static_cast<const acc_t*>(m.ga), wbuf + L.w1t(), d.B, d.C, d.R, StoreEpi<acc_t>{m.gp, C}, stream);
     se_weight_grad_kernel<scalar_t, acc_t><<<grid_stride_blocks(2 * d.R * d.C, 256), 256, 0, stream>>>(
-        m.ga, pooled_c.data_ptr<acc_t>(), m.gz, m.h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(), f1 != 0,
-        g_fc2.data_ptr(), f2 != 0);
+        m.ga, pooled_c.data_ptr<acc_t>(), m.gz, m.h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(),
+        in.is_float(kFc1), g_fc2.data_ptr(), in.is_float(kFc2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     with_vec<scalar_t>(vec_gv, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
@@ -358,9 +363,8 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     // grad_dw and the LN affine's grads from dw_backward's per-row partials, in their weights' dtypes.
     launch_sum_rows(static_cast<const acc_t*>(partials.data_ptr<acc_t>()), 1, d.B * d.H, 11 * d.C,
                     PartialsEpi<scalar_t, acc_t>{g_dw.data_ptr(), g_lnw.data_ptr(), g_lnb.data_ptr(),
-                                                 dw_weight.scalar_type() == at::kFloat,
-                                                 ln_weight.scalar_type() == at::kFloat,
-                                                 ln_bias.scalar_type() == at::kFloat, C},
+                                                 in.is_float(kDw), in.is_float(kLnWeight),
+                                                 in.is_float(kLnBias), C},
                     stream);
   });
   return {gx, g_lnw, g_lnb, g_dw, g_fc1, g_fc2, gpw.view(pw_weight.sizes()).to(pw_weight.scalar_type())};

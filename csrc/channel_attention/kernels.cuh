@@ -457,6 +457,8 @@ __device__ __forceinline__ void store_weight(void* p, bool is_float, int64_t i, 
 
 // The op's six weights in the order of its schema: ln_weight [C], ln_bias [C], dw_weight [C, 1, 3, 3],
 // fc1_weight [R, C, 1, 1], fc2_weight [C, R, 1, 1], pw_weight [C, C, 1, 1], contiguous.
+enum WeightIndex { kLnWeight = 0, kLnBias, kDw, kFc1, kFc2, kPw };
+
 struct WeightPtrs {
   const void* p[6];
   unsigned float_mask;  // bit i: weight i is float32 (else x's dtype)
@@ -478,24 +480,24 @@ __global__ void pack_weights_kernel(WeightPtrs w, WeightLayout L, acc_t* __restr
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     acc_t v;
     if (i < L.b()) {
-      v = weight_at<0, scalar_t, acc_t>(w, i);
+      v = weight_at<kLnWeight, scalar_t, acc_t>(w, i);
     } else if (i < L.wt()) {
-      v = weight_at<1, scalar_t, acc_t>(w, i - L.b());
+      v = weight_at<kLnBias, scalar_t, acc_t>(w, i - L.b());
     } else if (i < L.w1()) {
       const int64_t t = i - L.wt(), k = t / C, c = t - k * C;  // wt[k][c] = dw[c][k]
-      v = weight_at<2, scalar_t, acc_t>(w, c * 9 + k);
+      v = weight_at<kDw, scalar_t, acc_t>(w, c * 9 + k);
     } else if (i < L.w2()) {
-      v = weight_at<3, scalar_t, acc_t>(w, i - L.w1());
+      v = weight_at<kFc1, scalar_t, acc_t>(w, i - L.w1());
     } else if (i < L.wp()) {
-      v = weight_at<4, scalar_t, acc_t>(w, i - L.w2());
+      v = weight_at<kFc2, scalar_t, acc_t>(w, i - L.w2());
     } else if (i < L.w1t()) {
-      v = weight_at<5, scalar_t, acc_t>(w, i - L.wp());
+      v = weight_at<kPw, scalar_t, acc_t>(w, i - L.wp());
     } else if (i < L.w2t()) {
       const int64_t t = i - L.w1t(), c = t / R, r = t - c * R;  // w1t[c][r] = w1[r][c]
-      v = weight_at<3, scalar_t, acc_t>(w, r * C + c);
+      v = weight_at<kFc1, scalar_t, acc_t>(w, r * C + c);
     } else {
       const int64_t t = i - L.w2t(), r = t / C, c = t - r * C;  // w2t[r][c] = w2[c][r]
-      v = weight_at<4, scalar_t, acc_t>(w, c * R + r);
+      v = weight_at<kFc2, scalar_t, acc_t>(w, c * R + r);
     }
     out[i] = v;
   }
