@@ -59,19 +59,25 @@ def report_bandwidth(benchmark, floor_bytes: int, copy_bw: float) -> None:
         benchmark.extra_info["pct_of_copy"] = round(100 * bw / copy_bw, 2)
 
 
-def record_host_time(benchmark, work, reps: int = 10) -> None:
-    """GPU rows: the median time `work()` (one step without its final sync) takes to return, i.e. to
-    queue its launches, as extra_info["host_us"]. Near the row's median, the step is host-bound: the
-    GPU waits for launches (the adapter at B = 1 in runs 3-4 read that way), and a faster kernel
-    would not show."""
-    if not ON_GPU:
-        return
-    times = []
+def host_and_wall_us(step, reps: int = 20):
+    """Median host time of one step() (the time it takes to return, i.e. to queue its launches) and
+    median wall time of a synchronised step, in microseconds. Host near wall: the step is host-bound,
+    the GPU waits for launches and a faster kernel would not show."""
+    host, wall = [], []
     for _ in range(reps):
         sync()
         t0 = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - t0)
+        step()
+        t1 = time.perf_counter()
         sync()
-    benchmark.extra_info["host_us"] = round(1e6 * statistics.median(times), 1)
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(host), 1e6 * statistics.median(wall)
 
+
+def record_host_time(benchmark, work, reps: int = 10) -> None:
+    """GPU rows: host_and_wall_us's host time of `work()` (one step without its final sync) as
+    extra_info["host_us"], to read against the row's median (the adapter at B = 1 in runs 3-4 read
+    as host-bound)."""
+    if ON_GPU:
+        benchmark.extra_info["host_us"] = round(host_and_wall_us(work, reps)[0], 1)

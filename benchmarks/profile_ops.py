@@ -11,29 +11,12 @@ the step's synchronised wall time and host time beside it.
     python benchmarks/profile_ops.py        # needs a GPU
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def _host_and_wall_us(step, reps=20):
-    """Median host time of one step() (returns once its launches are queued) and median wall time of
-    a synchronised step. Wall far above the kernels' sum means the GPU waits for the host: launch
-    overhead, not kernel time (the suspect for the Triton backend at N = 1, NOTES section 8)."""
-    host, wall = [], []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        host.append(t1 - t0)
-        wall.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(host), 1e6 * statistics.median(wall)
+from conftest import host_and_wall_us  # noqa: E402
 
 
 def _profile(name, step, reps=5, top=12, gemm_shapes=False):
@@ -45,7 +28,7 @@ def _profile(name, step, reps=5, top=12, gemm_shapes=False):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    host_us, wall_us = _host_and_wall_us(step)
+    host_us, wall_us = host_and_wall_us(step)  # host far below wall: the GPU, not the host, is the limit
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
