@@ -41,7 +41,8 @@ else:
     # Full DB-SAM shape (the README's CPU figure), the rest scaled to a few queries per level.
     CASES = [("dbsam_vit_from_conv", 1, "float32", "model")] + [
         (name, 1, "float32", "model") for name in SHAPES if name != "dbsam_vit_from_conv"]
-    BACKENDS = ["cpu", "reference"]
+    # reference_compiled too: the GPU check's bench_slow row, run here so that it cannot rot.
+    BACKENDS = ["cpu", "reference", "reference_compiled"]
 IDS = [f"{n}-N{b}-{d}" + ("-uniform" if loc == "uniform" else "") for n, b, d, loc in CASES]
 
 
@@ -94,9 +95,10 @@ def runner(backend, levels):
 
 
 def skip_peer(backend, name, N, locality="model"):
-    # Peers are measured where the goals are set (N = 8), and torch.compile of the reference (a
-    # compile per shape and dtype, tens of seconds each) only at the two DB-SAM-relevant shapes.
-    if backend in ("reference_compiled", "deformops") and N != 8:
+    # On the GPU peers are measured where the goals are set (N = 8), and torch.compile of the
+    # reference (a compile per shape and dtype, tens of seconds each) only at the two
+    # DB-SAM-relevant shapes. The CPU cases are all N = 1.
+    if backend in ("reference_compiled", "deformops") and N != 8 and ON_GPU:
         pytest.skip("peers are measured at N = 8 only, to keep the GPU check short")
     if backend in ("reference", "reference_compiled") and locality == "uniform":
         pytest.skip("the grid_sample reference reads every corner whatever the locations: measured once, on `model` rows")

@@ -303,6 +303,23 @@ def test_compile_fullgraph(backend, compiler):
     assert x.grad is not None
 
 
+@needs_native
+def test_module_exports_with_a_dynamic_batch():
+    # torch.export keeps the op as one node (its fake kernel gives the shapes), so an exported ViT
+    # with adapters runs our kernels; the batch stays symbolic.
+    torch.manual_seed(0)
+    mod = ChannelAttention(24).eval()
+    for p in mod.parameters():
+        nn.init.normal_(p, 0.0, 0.3)
+    x = torch.randn(2, 7, 5, 24)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(mod, (x,), dynamic_shapes={"x": {0: batch}})
+    assert any("channel_attention_forward" in str(node.target) for node in exported.graph.nodes)
+    for b in (2, 5):
+        xb = torch.randn(b, 7, 5, 24)
+        assert rel_err(exported.module()(xb), mod(xb)) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------
 # Property test: random small shapes, every CPU backend against the float64 reference.
 
