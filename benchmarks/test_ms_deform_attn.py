@@ -4,7 +4,7 @@ GPU: every shape at N = 1 and 8, fp32 and bf16 (fp32 locations/weights), forward
 forward+backward; plus torch.compile of the reference and `deformops` (when installed) at N = 8.
 Locations are drawn as a model makes them (reference point + per-head offsets, msda_inputs.py);
 rows marked `uniform` draw them uniformly over the map instead (no locality: the caches' worst case).
-CPU: the DB-SAM one-level shape at full size (N = 1) and the others scaled down, fp32.
+CPU: the DB-SAM one-level shape at full size (N = 1, fp32 and bf16) and the others scaled down, fp32.
 
 Run: pytest benchmarks/ --benchmark-only   (add --benchmark-json=FILE to keep the figures)
 """
@@ -39,7 +39,7 @@ if ON_GPU:
     BACKENDS = ["cuda", "triton", "reference", "reference_compiled", "deformops"]
 else:
     # Full DB-SAM shape (the README's CPU figure), the rest scaled to a few queries per level.
-    CASES = [("dbsam_vit_from_conv", 1, "float32", "model")] + [
+    CASES = [("dbsam_vit_from_conv", 1, "float32", "model"), ("dbsam_vit_from_conv", 1, "bfloat16", "model")] + [
         (name, 1, "float32", "model") for name in SHAPES if name != "dbsam_vit_from_conv"]
     # reference_compiled too: the GPU check's bench_slow row, run here so that it cannot rot.
     BACKENDS = ["cpu", "reference", "reference_compiled"]
@@ -94,7 +94,7 @@ def runner(backend, levels):
     return lambda v, s, st, l, a: ms_deform_attn(v, s, st, l, a, backend=backend)
 
 
-def skip_peer(backend, name, N, locality="model"):
+def skip_peer(backend, name, N, locality="model", dtype="float32"):
     # On the GPU peers are measured where the goals are set (N = 8), and torch.compile of the
     # reference (a compile per shape and dtype, tens of seconds each) only at the two
     # DB-SAM-relevant shapes. The CPU cases are all N = 1.
@@ -104,6 +104,8 @@ def skip_peer(backend, name, N, locality="model"):
         pytest.skip("the grid_sample reference reads every corner whatever the locations: measured once, on `model` rows")
     if backend == "reference_compiled" and name not in ("dbsam_vit_from_conv", "vitadapter_injector"):
         pytest.skip("torch.compile of the reference is measured at the DB-SAM and ViT-Adapter injector shapes only")
+    if backend == "reference_compiled" and not ON_GPU and dtype != "float32":
+        pytest.skip("on the CPU torch.compile of the reference is run in float32 only (a compile per dtype)")
 
 
 def _rounds(value):
@@ -114,7 +116,7 @@ def _rounds(value):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,N,dtype,locality", CASES, ids=IDS)
 def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
-    skip_peer(backend, name, N, locality)
+    skip_peer(backend, name, N, locality, dtype)
     value, spatial, starts, loc, attn, levels = make(name, N, dtype, locality)
     fn = runner(backend, levels)
 
@@ -136,7 +138,7 @@ def test_forward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,N,dtype,locality", CASES, ids=IDS)
 def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype, locality):
-    skip_peer(backend, name, N, locality)
+    skip_peer(backend, name, N, locality, dtype)
     value, spatial, starts, loc, attn, levels = make(name, N, dtype, locality)
     fn = runner(backend, levels)
     value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()

@@ -2,9 +2,10 @@
 //
 // Forward: one task per (n, q, m); the D channels of a value row are contiguous, so the inner loop
 // is a unit-stride axpy the compiler vectorises. Backward: one task per (n, m) so that each task
-// owns grad_value[n, :, m, :] alone: no atomics, no races, and the same result on every run. When
-// N*M tasks would leave threads idle (one image, 8 heads, a 32-core CPU), each (n, m) also splits
-// its queries, the extra ranges accumulating into private copies of grad_value that are summed.
+// owns grad_value[n, :, m, :] alone (accumulated in a contiguous buffer of its own, stored once): no
+// atomics, no races, and the same result on every run. When N*M tasks would leave threads idle (one
+// image, 8 heads, a 32-core CPU), each (n, m) also splits its queries, each range storing its own
+// partial copy of grad_value, and the copies are summed.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -57,24 +58,53 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   });
 }
 
-// grad_value is acc_t (float for half/bfloat16 values), laid out like value. With splits > 1 the
-// queries of each (n, m) are cut into `splits` ranges; range 0 accumulates into grad_value, range
-// r > 0 into its own copy partial[r - 1] (each laid out like value), summed by the caller. The cut
-// depends only on Lq and splits, so a given thread count always gives the same result.
-template <typename scalar_t, typename coord_t>
+// One corner of the backward: returns <g, v> and adds w * g into gv, over D channels. The dot keeps
+// kLanes partial sums (lane j takes channels j, j + kLanes, ...), added in a fixed order at the end:
+// one running sum is a chain of dependent additions that IEEE rules forbid the compiler to reorder,
+// so it neither vectorises nor overlaps (measured 2026-11-27, one thread of this 2-core host, DB-SAM
+// shape N = 1 fp32: see benchmarks/NOTES.md section 11). __restrict__: g, v and gv never overlap
+// (g is the task's own buffer, gv the accumulator, v the input), which lets the axpy vectorise
+// without runtime overlap checks.
+template <typename scalar_t, typename acc_t>
+inline acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
+                             acc_t* __restrict__ gv, acc_t w, int64_t D) {
+  constexpr int kLanes = 8;
+  acc_t part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= D; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      part[j] += g[k + j] * static_cast<acc_t>(v[k + j]);
+      gv[k + j] += w * g[k + j];
+    }
+  }
+  for (int j = 0; k + j < D; ++j) {
+    part[j] += g[k + j] * static_cast<acc_t>(v[k + j]);
+    gv[k + j] += w * g[k + j];
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Each (n, m) task (or query range `part` of it, with splits > 1) accumulates its grad_value slice in
+// a contiguous acc_t buffer [S, D] of its own (one per thread, reused), then stores it once into
+// out[part, n, :, m, :] in out_t: value's dtype when splits == 1 (no zero-filled full-size buffer, no
+// separate rounding pass), acc_t partial sums otherwise (the caller adds the `splits` copies). The
+// query cut depends only on Lq and splits, so a given thread count always gives the same result.
+// Before 2026-11-27 the tasks added into one zero-filled acc_t tensor laid out like value: at the
+// ViT-Adapter injector shape (N = 1) that fill alone took ~24 ms of one thread (a fresh 66 MB
+// buffer, page faults), and bf16 paid another full pass to round it (NOTES.md section 11).
+template <typename scalar_t, typename coord_t, typename out_t>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
-                     const int64_t* starts, const coord_t* loc, const coord_t* attn,
-                     at::opmath_type<scalar_t>* grad_value, at::opmath_type<scalar_t>* partial,
+                     const int64_t* starts, const coord_t* loc, const coord_t* attn, out_t* out,
                      int64_t splits, coord_t* grad_loc, coord_t* grad_attn, const Dims& d) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, d.N * d.M * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(d.D);
+    std::vector<acc_t> slice(d.S * d.D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nm = task / splits, part = task % splits;
       const int64_t n = nm / d.M, m = nm % d.M;
       const scalar_t* vbase = value + n * d.S * d.M * d.D + m * d.D;
-      acc_t* target = part == 0 ? grad_value : partial + (part - 1) * d.N * d.S * d.M * d.D;
-      acc_t* gvbase = target + n * d.S * d.M * d.D + m * d.D;
+      std::fill(slice.begin(), slice.end(), acc_t(0));
       const int64_t q_begin = d.Lq * part / splits, q_end = d.Lq * (part + 1) / splits;
       for (int64_t q = q_begin; q < q_end; ++q) {
         const int64_t t = (n * d.Lq + q) * d.M + m;  // index of (n, q, m)
@@ -99,15 +129,8 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
             acc_t dot[4] = {0, 0, 0, 0};
             for (int c = 0; c < 4; ++c) {
               if (s.row[c] < 0) continue;
-              const scalar_t* v = vbase + s.row[c] * d.M * d.D;
-              acc_t* gv = gvbase + s.row[c] * d.M * d.D;
-              const acc_t w = a * s.weight[c];
-              acc_t sum = 0;
-              for (int64_t k = 0; k < d.D; ++k) {
-                sum += g[k] * static_cast<acc_t>(v[k]);
-                gv[k] += w * g[k];
-              }
-              dot[c] = sum;
+              dot[c] = corner_dot_axpy<scalar_t, acc_t>(g.data(), vbase + s.row[c] * d.M * d.D,
+                                                        slice.data() + s.row[c] * d.D, a * s.weight[c], d.D);
             }
             acc_t d_dx, d_dy;
             value_grad_xy<acc_t>(s, dot[0], dot[1], dot[2], dot[3], d_dx, d_dy);
@@ -116,6 +139,12 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
             gl[2 * i + 1] = static_cast<coord_t>(a * d_dy * static_cast<acc_t>(H));
           }
         }
+      }
+      out_t* dst = out + (part * d.N + n) * d.S * d.M * d.D + m * d.D;
+      for (int64_t r = 0; r < d.S; ++r) {
+        const acc_t* src = slice.data() + r * d.D;
+        out_t* row = dst + r * d.M * d.D;
+        for (int64_t k = 0; k < d.D; ++k) row[k] = static_cast<out_t>(src[k]);
       }
     }
   });
@@ -171,34 +200,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto starts = level_start_index.contiguous();
   auto loc = sampling_locations.contiguous();
   auto attn = attention_weights.contiguous();
-  const bool low = v.scalar_type() == at::kHalf || v.scalar_type() == at::kBFloat16;
-  // Half/bfloat16 grad_value accumulates in float32 and is rounded once at the end.
-  auto grad_value_acc = at::zeros(v.sizes(), v.options().dtype(low ? at::kFloat : v.scalar_type()));
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
-  if (go.numel() > 0) {
-    const int64_t splits = query_splits(d, grad_value_acc.numel() * grad_value_acc.element_size());
-    auto partial = splits > 1 ? at::zeros({splits - 1, d.N, d.S, d.M, d.D}, grad_value_acc.options())
-                              : at::Tensor();
-    dispatch_dtypes(v.scalar_type(), loc.scalar_type(), "ms_deform_attn_backward",
-                    [&](auto vtag, auto ctag) {
-                      using scalar_t = typename decltype(vtag)::type;
-                      using coord_t = typename decltype(ctag)::type;
-                      using acc_t = at::opmath_type<scalar_t>;
-                      backward_kernel<scalar_t, coord_t>(
-                          go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                          shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                          loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(),
-                          grad_value_acc.data_ptr<acc_t>(),
-                          splits > 1 ? partial.data_ptr<acc_t>() : nullptr, splits,
-                          grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), d);
-                    });
-    if (splits > 1) grad_value_acc.add_(partial.sum(0));
-  } else {
+  if (go.numel() == 0 || v.numel() == 0) {
     grad_loc.zero_();
     grad_attn.zero_();
+    return {at::zeros(v.sizes(), v.options()), grad_loc, grad_attn};
   }
-  auto grad_value = low ? grad_value_acc.to(v.scalar_type()) : grad_value_acc;
+  // Half/bfloat16 grad_value accumulates in float32 and is rounded once, when a task stores it.
+  const auto acc_type = at::toOpMathType(v.scalar_type());
+  const int64_t splits = query_splits(d, v.numel() * at::elementSize(acc_type));
+  at::Tensor grad_value;
+  dispatch_dtypes(v.scalar_type(), loc.scalar_type(), "ms_deform_attn_backward", [&](auto vtag, auto ctag) {
+    using scalar_t = typename decltype(vtag)::type;
+    using coord_t = typename decltype(ctag)::type;
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto* out) {
+      backward_kernel<scalar_t, coord_t>(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                         shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                                         loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out, splits,
+                                         grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), d);
+    };
+    if (splits == 1) {
+      grad_value = at::empty(v.sizes(), v.options());  // every element stored once by its task
+      run(grad_value.data_ptr<scalar_t>());
+    } else {
+      auto partial = at::empty({splits, d.N, d.S, d.M, d.D}, v.options().dtype(acc_type));
+      run(partial.data_ptr<acc_t>());
+      grad_value = partial.sum(0).to(v.scalar_type());
+    }
+  });
   return {grad_value, grad_loc, grad_attn};
 }
 
