@@ -61,14 +61,14 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 // One corner of the backward: returns <g, v> and adds w * g into gv, over D channels. The dot keeps
 // kLanes partial sums (lane j takes channels j, j + kLanes, ...), added in a fixed order at the end:
 // one running sum is a chain of dependent additions that IEEE rules forbid the compiler to reorder,
-// so it neither vectorises nor overlaps (measured 2026-11-27, one thread of this 2-core host, DB-SAM
-// shape N = 1 fp32: see benchmarks/NOTES.md section 11). __restrict__: g, v and gv never overlap
+// so it neither vectorises nor overlaps (benchmarks/NOTES.md section 11 has the CPU backward's
+// figures before and after). __restrict__: g, v and gv never overlap
 // (g is the task's own buffer, gv the accumulator, v the input), which lets the axpy vectorise
 // without runtime overlap checks.
 template <typename scalar_t, typename acc_t>
 inline acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
                              acc_t* __restrict__ gv, acc_t w, int64_t D) {
-  constexpr int kLanes = 8;
+  constexpr int kLanes = 8;  // the final sum below adds exactly eight
   acc_t part[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= D; k += kLanes) {
