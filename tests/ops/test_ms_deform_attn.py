@@ -2,6 +2,7 @@
 registration (opcheck, torch.compile), bad inputs and edge cases. GPU backends have their own
 files (test_ms_deform_attn_cuda.py, test_ms_deform_attn_triton.py); the cases there reuse
 _msda_cases."""
+import math
 import os
 import subprocess
 import sys
@@ -251,6 +252,37 @@ def test_nonfinite_and_far_locations_contribute_nothing():
     out.sum().backward()
     assert torch.isfinite(bad.grad).all() and torch.isfinite(value.grad).all()
     assert not bad.grad[0, 0, 0, 0, 0].any() and not bad.grad[0, 3, 1, 0, 0].any()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_corners_outside_the_map_read_no_value_row(dtype):
+    # Points on a 3x4 map whose left, top or right corners fall outside: every value row that is
+    # not an inside corner of some point holds NaN. A kernel that fetched any stand-in row for an
+    # outside corner (with weight 0) would return NaN, as 0 * NaN is NaN.
+    H, W = 3, 4
+    spatial, starts, S = level_tensors([(H, W)])
+    # (x, y) pixel coordinates, one point per query: left, top, right and bottom corners outside.
+    px = torch.tensor([[-0.4, 1.2], [2.6, -0.3], [3.4, 0.5], [0.6, 2.5]])
+    loc = ((px + 0.5) / torch.tensor([W, H])).view(1, 4, 1, 1, 1, 2)
+    attn = torch.full((1, 4, 1, 1, 1), 0.7)
+    inside = set()
+    for x, y in px.tolist():
+        x0, y0 = math.floor(x), math.floor(y)
+        for h, w in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+            if 0 <= h < H and 0 <= w < W:
+                inside.add(h * W + w)
+    assert len(inside) < S  # some rows are read by nobody
+    clean = torch.randn(1, S, 1, 6, generator=torch.Generator().manual_seed(3)).to(dtype)
+    poisoned = clean.clone()
+    for row in set(range(S)) - inside:
+        poisoned[0, row] = float("nan")
+    out, gv, gl, ga = run_with_grads("cpu", (poisoned, spatial, starts, loc, attn))
+    assert torch.isfinite(out).all() and torch.isfinite(gl).all() and torch.isfinite(ga).all()
+    ref = run_with_grads("cpu", (clean, spatial, starts, loc, attn))
+    torch.testing.assert_close(out, ref[0])
+    torch.testing.assert_close(gl, ref[2])
+    torch.testing.assert_close(ga, ref[3])
 
 
 @needs_native
