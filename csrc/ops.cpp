@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "common/cpu_simd.h"
+
 namespace dbsam {
 
 // What this binary was built with, so `python -m dbsam.ops` can say why a backend is missing.
@@ -17,6 +19,9 @@ static std::string build_info() {
 #ifdef DBSAM_CUDA_ARCHS
   info += ";archs=" DBSAM_CUDA_ARCHS;
 #endif
+  // What the MSDA CPU kernels run on this machine (common/cpu_simd.h; DBSAM_CPU_SIMD=baseline
+  // overrides it per call).
+  info += dbsam::cpu_avx2_available() ? ";cpu_simd=avx2" : ";cpu_simd=baseline";
   return info;
 }
 

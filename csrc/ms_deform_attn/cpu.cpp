@@ -12,8 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_simd.h"
 #include "ms_deform_attn/checks.h"
 #include "ms_deform_attn/sampling.h"
 
@@ -25,9 +27,9 @@ namespace {
 // (one load and store of acc per channel instead of four). A corner outside the map reads `zeros`
 // with weight 0, never a neighbouring row: 0 times a non-finite value would be NaN.
 template <typename scalar_t, typename acc_t>
-inline void point_axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ v0, const scalar_t* __restrict__ v1,
-                       const scalar_t* __restrict__ v2, const scalar_t* __restrict__ v3, const acc_t (&w)[4],
-                       int64_t D) {
+DBSAM_ALWAYS_INLINE void point_axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ v0,
+                                    const scalar_t* __restrict__ v1, const scalar_t* __restrict__ v2,
+                                    const scalar_t* __restrict__ v3, const acc_t (&w)[4], int64_t D) {
   for (int64_t k = 0; k < D; ++k) {
     acc[k] += (w[0] * static_cast<acc_t>(v0[k]) + w[1] * static_cast<acc_t>(v1[k])) +
               (w[2] * static_cast<acc_t>(v2[k]) + w[3] * static_cast<acc_t>(v3[k]));
@@ -35,41 +37,74 @@ inline void point_axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ v0,
 }
 
 template <typename scalar_t, typename coord_t>
-void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                    const coord_t* loc, const coord_t* attn, scalar_t* out, const Dims& d) {
+struct ForwardArgs {
+  const scalar_t* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const coord_t* loc;
+  const coord_t* attn;
+  scalar_t* out;
+  Dims d;
+};
+
+// Tasks [begin, end) of the forward, one per (n, q, m).
+template <typename scalar_t, typename coord_t>
+DBSAM_ALWAYS_INLINE void forward_range(const ForwardArgs<scalar_t, coord_t>& args, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const Dims& d = args.d;
+  std::vector<acc_t> acc(d.D);
+  const std::vector<scalar_t> zeros(d.D, scalar_t(0));
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t m = t % d.M;
+    const int64_t n = t / (d.M * d.Lq);
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    const coord_t* tl = args.loc + t * d.L * d.P * 2;
+    const coord_t* ta = args.attn + t * d.L * d.P;
+    const scalar_t* vbase = args.value + n * d.S * d.M * d.D + m * d.D;
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = args.shapes[2 * l], W = args.shapes[2 * l + 1];
+      for (int64_t p = 0; p < d.P; ++p) {
+        const int64_t i = l * d.P + p;
+        Sample<acc_t> s;
+        if (!locate<acc_t>(tl[2 * i], tl[2 * i + 1], H, W, args.starts[l], d.S, s)) continue;
+        const acc_t a = ta[i];
+        const scalar_t* v[4];
+        acc_t w[4];
+        for (int c = 0; c < 4; ++c) {
+          const bool inside = s.row[c] >= 0;
+          v[c] = inside ? vbase + s.row[c] * d.M * d.D : zeros.data();
+          w[c] = inside ? a * s.weight[c] : acc_t(0);
+        }
+        point_axpy<scalar_t, acc_t>(acc.data(), v[0], v[1], v[2], v[3], w, d.D);
+      }
+    }
+    scalar_t* o = args.out + t * d.D;
+    for (int64_t k = 0; k < d.D; ++k) o[k] = static_cast<scalar_t>(acc[k]);
+  }
+}
+
+template <typename scalar_t, typename coord_t>
+void forward_range_baseline(const ForwardArgs<scalar_t, coord_t>& args, int64_t begin, int64_t end) {
+  forward_range(args, begin, end);
+}
+
+template <typename scalar_t, typename coord_t>
+DBSAM_TARGET_AVX2 void forward_range_avx2(const ForwardArgs<scalar_t, coord_t>& args, int64_t begin, int64_t end) {
+  forward_range(args, begin, end);
+}
+
+template <typename scalar_t, typename coord_t>
+void forward_kernel(const ForwardArgs<scalar_t, coord_t>& args) {
+  const Dims& d = args.d;
   const int64_t tasks = d.N * d.Lq * d.M;
   // Grain chosen so that a task chunk does at least ~16k multiply-adds.
   const int64_t work = std::max<int64_t>(1, d.L * d.P * 4 * d.D);
+  const bool avx2 = cpu_use_avx2();
   at::parallel_for(0, tasks, std::max<int64_t>(1, 16384 / work), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d.D);
-    const std::vector<scalar_t> zeros(d.D, scalar_t(0));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m = t % d.M;
-      const int64_t n = t / (d.M * d.Lq);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      const coord_t* tl = loc + t * d.L * d.P * 2;
-      const coord_t* ta = attn + t * d.L * d.P;
-      const scalar_t* vbase = value + n * d.S * d.M * d.D + m * d.D;
-      for (int64_t l = 0; l < d.L; ++l) {
-        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-        for (int64_t p = 0; p < d.P; ++p) {
-          const int64_t i = l * d.P + p;
-          Sample<acc_t> s;
-          if (!locate<acc_t>(tl[2 * i], tl[2 * i + 1], H, W, starts[l], d.S, s)) continue;
-          const acc_t a = ta[i];
-          const scalar_t* v[4];
-          acc_t w[4];
-          for (int c = 0; c < 4; ++c) {
-            const bool inside = s.row[c] >= 0;
-            v[c] = inside ? vbase + s.row[c] * d.M * d.D : zeros.data();
-            w[c] = inside ? a * s.weight[c] : acc_t(0);
-          }
-          point_axpy<scalar_t, acc_t>(acc.data(), v[0], v[1], v[2], v[3], w, d.D);
-        }
-      }
-      scalar_t* o = out + t * d.D;
-      for (int64_t k = 0; k < d.D; ++k) o[k] = static_cast<scalar_t>(acc[k]);
+    if (avx2) {
+      forward_range_avx2(args, begin, end);
+    } else {
+      forward_range_baseline(args, begin, end);
     }
   });
 }
@@ -82,8 +117,8 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 // (g is the task's own buffer, gv the accumulator, v the input), which lets the axpy vectorise
 // without runtime overlap checks.
 template <typename scalar_t, typename acc_t>
-inline acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
-                             acc_t* __restrict__ gv, acc_t w, int64_t D) {
+DBSAM_ALWAYS_INLINE acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
+                                          acc_t* __restrict__ gv, acc_t w, int64_t D) {
   constexpr int kLanes = 8;  // the final sum below adds exactly eight
   acc_t part[kLanes] = {};
   int64_t k = 0;
@@ -100,6 +135,21 @@ inline acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __rest
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+template <typename scalar_t, typename coord_t, typename out_t>
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const coord_t* loc;
+  const coord_t* attn;
+  out_t* out;
+  int64_t splits;
+  coord_t* grad_loc;
+  coord_t* grad_attn;
+  Dims d;
+};
+
 // Each (n, m) task (or query range `part` of it, with splits > 1) accumulates its grad_value slice in
 // a contiguous acc_t buffer [S, D] of its own (one per thread, reused), then stores it once into
 // out[part, n, :, m, :] in out_t: value's dtype when splits == 1 (no zero-filled full-size buffer, no
@@ -109,59 +159,81 @@ inline acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __rest
 // ViT-Adapter injector shape (N = 1) that fill alone took ~24 ms of one thread (a fresh 66 MB
 // buffer, page faults), and bf16 paid another full pass to round it (NOTES.md section 11).
 template <typename scalar_t, typename coord_t, typename out_t>
-void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
-                     const int64_t* starts, const coord_t* loc, const coord_t* attn, out_t* out,
-                     int64_t splits, coord_t* grad_loc, coord_t* grad_attn, const Dims& d) {
+DBSAM_ALWAYS_INLINE void backward_range(const BackwardArgs<scalar_t, coord_t, out_t>& args, int64_t begin,
+                                        int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, d.N * d.M * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g(d.D);
-    std::vector<acc_t> slice(d.S * d.D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nm = task / splits, part = task % splits;
-      const int64_t n = nm / d.M, m = nm % d.M;
-      const scalar_t* vbase = value + n * d.S * d.M * d.D + m * d.D;
-      std::fill(slice.begin(), slice.end(), acc_t(0));
-      const int64_t q_begin = d.Lq * part / splits, q_end = d.Lq * (part + 1) / splits;
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        const int64_t t = (n * d.Lq + q) * d.M + m;  // index of (n, q, m)
-        const scalar_t* go = grad_out + t * d.D;
-        for (int64_t k = 0; k < d.D; ++k) g[k] = static_cast<acc_t>(go[k]);
-        const coord_t* tl = loc + t * d.L * d.P * 2;
-        const coord_t* ta = attn + t * d.L * d.P;
-        coord_t* gl = grad_loc + t * d.L * d.P * 2;
-        coord_t* ga = grad_attn + t * d.L * d.P;
-        for (int64_t l = 0; l < d.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          for (int64_t p = 0; p < d.P; ++p) {
-            const int64_t i = l * d.P + p;
-            Sample<acc_t> s;
-            if (!locate<acc_t>(tl[2 * i], tl[2 * i + 1], H, W, starts[l], d.S, s)) {
-              gl[2 * i] = gl[2 * i + 1] = ga[i] = coord_t(0);
-              continue;
-            }
-            const acc_t a = ta[i];
-            // The sampled value is linear in the corner values, so <g, corner value> per corner
-            // is all the location and weight gradients need.
-            acc_t dot[4] = {0, 0, 0, 0};
-            for (int c = 0; c < 4; ++c) {
-              if (s.row[c] < 0) continue;
-              dot[c] = corner_dot_axpy<scalar_t, acc_t>(g.data(), vbase + s.row[c] * d.M * d.D,
-                                                        slice.data() + s.row[c] * d.D, a * s.weight[c], d.D);
-            }
-            acc_t d_dx, d_dy;
-            value_grad_xy<acc_t>(s, dot[0], dot[1], dot[2], dot[3], d_dx, d_dy);
-            ga[i] = static_cast<coord_t>(interpolate<acc_t>(s, dot));
-            gl[2 * i] = static_cast<coord_t>(a * d_dx * static_cast<acc_t>(W));
-            gl[2 * i + 1] = static_cast<coord_t>(a * d_dy * static_cast<acc_t>(H));
+  const Dims& d = args.d;
+  std::vector<acc_t> g(d.D);
+  std::vector<acc_t> slice(d.S * d.D);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t nm = task / args.splits, part = task % args.splits;
+    const int64_t n = nm / d.M, m = nm % d.M;
+    const scalar_t* vbase = args.value + n * d.S * d.M * d.D + m * d.D;
+    std::fill(slice.begin(), slice.end(), acc_t(0));
+    const int64_t q_begin = d.Lq * part / args.splits, q_end = d.Lq * (part + 1) / args.splits;
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const int64_t t = (n * d.Lq + q) * d.M + m;  // index of (n, q, m)
+      const scalar_t* go = args.grad_out + t * d.D;
+      for (int64_t k = 0; k < d.D; ++k) g[k] = static_cast<acc_t>(go[k]);
+      const coord_t* tl = args.loc + t * d.L * d.P * 2;
+      const coord_t* ta = args.attn + t * d.L * d.P;
+      coord_t* gl = args.grad_loc + t * d.L * d.P * 2;
+      coord_t* ga = args.grad_attn + t * d.L * d.P;
+      for (int64_t l = 0; l < d.L; ++l) {
+        const int64_t H = args.shapes[2 * l], W = args.shapes[2 * l + 1];
+        for (int64_t p = 0; p < d.P; ++p) {
+          const int64_t i = l * d.P + p;
+          Sample<acc_t> s;
+          if (!locate<acc_t>(tl[2 * i], tl[2 * i + 1], H, W, args.starts[l], d.S, s)) {
+            gl[2 * i] = gl[2 * i + 1] = ga[i] = coord_t(0);
+            continue;
           }
+          const acc_t a = ta[i];
+          // The sampled value is linear in the corner values, so <g, corner value> per corner
+          // is all the location and weight gradients need.
+          acc_t dot[4] = {0, 0, 0, 0};
+          for (int c = 0; c < 4; ++c) {
+            if (s.row[c] < 0) continue;
+            dot[c] = corner_dot_axpy<scalar_t, acc_t>(g.data(), vbase + s.row[c] * d.M * d.D,
+                                                      slice.data() + s.row[c] * d.D, a * s.weight[c], d.D);
+          }
+          acc_t d_dx, d_dy;
+          value_grad_xy<acc_t>(s, dot[0], dot[1], dot[2], dot[3], d_dx, d_dy);
+          ga[i] = static_cast<coord_t>(interpolate<acc_t>(s, dot));
+          gl[2 * i] = static_cast<coord_t>(a * d_dx * static_cast<acc_t>(W));
+          gl[2 * i + 1] = static_cast<coord_t>(a * d_dy * static_cast<acc_t>(H));
         }
       }
-      out_t* dst = out + (part * d.N + n) * d.S * d.M * d.D + m * d.D;
-      for (int64_t r = 0; r < d.S; ++r) {
-        const acc_t* src = slice.data() + r * d.D;
-        out_t* row = dst + r * d.M * d.D;
-        for (int64_t k = 0; k < d.D; ++k) row[k] = static_cast<out_t>(src[k]);
-      }
+    }
+    out_t* dst = args.out + (part * d.N + n) * d.S * d.M * d.D + m * d.D;
+    for (int64_t r = 0; r < d.S; ++r) {
+      const acc_t* src = slice.data() + r * d.D;
+      out_t* row = dst + r * d.M * d.D;
+      for (int64_t k = 0; k < d.D; ++k) row[k] = static_cast<out_t>(src[k]);
+    }
+  }
+}
+
+template <typename scalar_t, typename coord_t, typename out_t>
+void backward_range_baseline(const BackwardArgs<scalar_t, coord_t, out_t>& args, int64_t begin, int64_t end) {
+  backward_range(args, begin, end);
+}
+
+template <typename scalar_t, typename coord_t, typename out_t>
+DBSAM_TARGET_AVX2 void backward_range_avx2(const BackwardArgs<scalar_t, coord_t, out_t>& args, int64_t begin,
+                                           int64_t end) {
+  backward_range(args, begin, end);
+}
+
+template <typename scalar_t, typename coord_t, typename out_t>
+void backward_kernel(const BackwardArgs<scalar_t, coord_t, out_t>& args) {
+  const Dims& d = args.d;
+  const bool avx2 = cpu_use_avx2();
+  at::parallel_for(0, d.N * d.M * args.splits, 1, [&](int64_t begin, int64_t end) {
+    if (avx2) {
+      backward_range_avx2(args, begin, end);
+    } else {
+      backward_range_baseline(args, begin, end);
     }
   });
 }
@@ -194,10 +266,9 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
                   [&](auto vtag, auto ctag) {
                     using scalar_t = typename decltype(vtag)::type;
                     using coord_t = typename decltype(ctag)::type;
-                    forward_kernel<scalar_t, coord_t>(
-                        v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-                        starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
-                        attn.data_ptr<coord_t>(), out.data_ptr<scalar_t>(), d);
+                    forward_kernel(ForwardArgs<scalar_t, coord_t>{
+                        v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                        loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out.data_ptr<scalar_t>(), d});
                   });
   return out;
 }
@@ -232,10 +303,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     using coord_t = typename decltype(ctag)::type;
     using acc_t = at::opmath_type<scalar_t>;
     auto run = [&](auto* out) {
-      backward_kernel<scalar_t, coord_t>(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                         shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                                         loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out, splits,
-                                         grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>(), d);
+      using out_t = std::remove_pointer_t<decltype(out)>;
+      backward_kernel(BackwardArgs<scalar_t, coord_t, out_t>{
+          go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out, splits, grad_loc.data_ptr<coord_t>(),
+          grad_attn.data_ptr<coord_t>(), d});
     };
     if (splits == 1) {
       grad_value = at::empty(v.sizes(), v.options());  // every element stored once by its task

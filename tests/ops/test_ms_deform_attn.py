@@ -255,6 +255,27 @@ def test_nonfinite_and_far_locations_contribute_nothing():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_both_cpu_simd_paths_match_the_reference(dtype, monkeypatch):
+    # The CPU kernels exist twice, for the baseline ISA and for AVX2 + FMA, picked at run time
+    # (csrc/common/cpu_simd.h); DBSAM_CPU_SIMD=baseline forces the first. Both are checked whichever
+    # this machine picks by itself. D = 37: the vector loops and their scalar tails.
+    assert "cpu_simd=" in _native.BUILD_INFO
+    coord = torch.float32 if dtype == torch.bfloat16 else dtype
+    inputs = make_inputs(2, 9, 3, 37, LEVELS, 3, dtype=dtype, coord_dtype=coord, seed=31, outside=0.3)
+    ref = reference_with_grads(inputs)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for simd in ("baseline", None):
+        if simd is None:
+            monkeypatch.delenv("DBSAM_CPU_SIMD", raising=False)
+        else:
+            monkeypatch.setenv("DBSAM_CPU_SIMD", simd)
+        got = run_with_grads("cpu", inputs)
+        for name, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, ref):
+            assert rel_err(a, b) < tol, f"{name} on the {simd or 'default'} path"
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_corners_outside_the_map_read_no_value_row(dtype):
     # Points on a 3x4 map whose left, top or right corners fall outside: every value row that is
