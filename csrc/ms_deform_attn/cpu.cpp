@@ -5,7 +5,8 @@
 // owns grad_value[n, :, m, :] alone (accumulated in a contiguous buffer of its own, stored once): no
 // atomics, no races, and the same result on every run. When N*M tasks would leave threads idle (one
 // image, 8 heads, a 32-core CPU), each (n, m) also splits its queries, each range storing its own
-// partial copy of grad_value, and the copies are summed.
+// partial copy of grad_value, and the copies are summed. Each kernel's per-range function exists as
+// a baseline and an AVX2 + FMA copy, picked at run time (common/cpu_simd.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
