@@ -26,7 +26,7 @@
 #   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
 #              and the Triton autotune sweep (last:
 #              minutes of compiling, the first thing to drop when time is short)
-#   report     a table of every benchmark JSON (benchmarks/gpu_report.py)
+#   report     a table of every benchmark JSON (benchmarks/gpu_report.py) and the issues' goals (goals.py)
 # Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is non-zero when
 # any step failed. Without a GPU (no working nvidia-smi) the GPU steps are skipped, and say so.
 # Knobs: PYTHON (default: the first of python, python3 that imports torch), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
@@ -227,6 +227,8 @@ step_bench_slow() {
 step_report() {
   ls "$OUT"/bench_*.json >/dev/null 2>&1 || { echo "no $OUT/bench_*.json (no bench step ran)"; return 1; }
   "$PYTHON" benchmarks/gpu_report.py "$OUT"/bench_*.json
+  echo
+  "$PYTHON" benchmarks/goals.py "$OUT"/bench_*.json  # each issue's goal: holds, misses, not measured
 }
 
 export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_exit_probe step_profile step_ncu \

@@ -51,3 +51,66 @@ def test_saved_activations_runs_on_the_cpu():
     rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("ops ")]
     assert [(r[1], r[4]) for r in rows] == [("reference", "sam"), ("auto", "sdpa"), ("auto", "sam")], res.stdout
     assert all(float(r[5]) > 0 for r in rows), res.stdout
+
+
+def _goals():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import goals
+    finally:
+        sys.path.pop(0)
+    return goals
+
+
+def _msda_row(mode, shape, dtype, backend, median, pct=None):
+    name = f"test_{'forward_backward' if mode == 'fwd_bwd' else 'forward'}[{shape}-N8-{dtype}-{backend}]"
+    return {"name": name, "params": {"name": shape, "N": 8, "dtype": dtype, "locality": "model", "backend": backend},
+            "stats": {"median": median}, "extra_info": {} if pct is None else {"pct_of_copy": pct}}
+
+
+def test_goals_verdicts_from_synthetic_rows():
+    goals = _goals()
+    shape = "vitadapter_injector"
+    rows = [
+        _msda_row("fwd", shape, "bfloat16", "cuda", 1e-4, pct=55.0),          # >= 50%: holds
+        _msda_row("fwd", shape, "float32", "cuda", 1e-4, pct=49.9),           # misses
+        _msda_row("fwd_bwd", shape, "bfloat16", "cuda", 1.0e-3),
+        _msda_row("fwd_bwd", shape, "bfloat16", "deformops", 1.6e-3),         # 1.6x: holds
+        _msda_row("fwd_bwd", shape, "bfloat16", "reference", 9.0e-3),         # 9x: misses
+        _msda_row("fwd_bwd", shape, "bfloat16", "triton", 1.4e-3),            # 1.4x CUDA's time: misses
+        {"name": "test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-cuda]", "stats": {"median": 1.0e-3},
+         "extra_info": {"saved_activation_bytes": 50}},
+        {"name": "test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-eager_nchw]", "stats": {"median": 2.6e-3},
+         "extra_info": {"saved_activation_bytes": 202}},
+        {"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": "auto"},
+         "stats": {"median": 0.10}, "extra_info": {"peak_memory_MiB": 6000.0}},
+        {"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": "reference"},
+         "stats": {"median": 0.12}, "extra_info": {"peak_memory_MiB": 9000.0}},
+        {"name": "t", "group": "vit_b train step batch 2 bf16 grad-ckpt", "params": {"backend": "auto"},
+         "stats": {"median": 0.15}, "extra_info": {"peak_memory_MiB": 15300.0}},
+    ]
+    verdict = {what: holds for _, what, _, _, holds in goals.evaluate(rows).lines}
+    assert verdict[f"fwd % of copy, {shape} N8 bfloat16"] is True
+    assert verdict[f"fwd % of copy, {shape} N8 float32"] is False
+    assert verdict[f"fwd+bwd vs deformops, {shape} N8 bfloat16"] is True
+    assert verdict[f"fwd+bwd vs reference, {shape} N8 bfloat16"] is False
+    assert verdict[f"fwd_bwd triton/cuda time, {shape} N8 bfloat16"] is False
+    assert verdict[f"fwd_bwd vs deformops, {shape} N8 bfloat16"] is True   # triton 1.4 ms vs deformops 1.6 ms
+    assert verdict[f"fwd+bwd vs deformops, {shape} N8 float32"] is None    # not measured
+    assert verdict["adapter fwd+bwd vs eager NCHW, 8x64x64x768 bf16"] is True
+    assert verdict["adapter saved activations / eager NCHW's"] is True
+    assert verdict["adapter fwd+bwd vs torch.compile max-autotune"] is None
+    assert verdict["train step bf16 batch 2: reference time / fast"] is False  # 1.2x
+    assert verdict["train step bf16 batch 2: peak memory fast / reference"] is True  # 0.67x
+    assert verdict["batch 2 bf16 with grad checkpointing: peak memory"] is False  # 15300 MiB > 16e9 bytes
+
+
+def test_goals_reads_a_committed_gpu_run():
+    run = os.path.join(REPO, "benchmarks", "results", "h100_2026-11-27_10030cd")
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "goals.py"),
+                          os.path.join(run, "bench_msda.json"), os.path.join(run, "bench_ca.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    measured = int(last.split(" of ")[1].split()[0])
+    assert measured >= 50, last  # run 3 timed every MSDA shape with its peers, and the adapter
