@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="AdamW learning rate (default 1e-3: in a few hundred steps from random weights the "
-                   "paper's 1e-4 only moves the output bias; see EXPERIMENT.md)")
+                   "paper's 1e-4 only moves the output bias; see the README's experiment)")
     p.add_argument("--cases", type=int, default=40, help="synthetic cases (default 40)")
     p.add_argument("--tolerance-mm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
