@@ -37,15 +37,20 @@ DBSAM_ALWAYS_INLINE void point_axpy(acc_t* __restrict__ acc, const scalar_t* __r
   }
 }
 
+// The op's inputs, as both kernels read them (contiguous).
 template <typename scalar_t, typename coord_t>
-struct ForwardArgs {
+struct Inputs {
   const scalar_t* value;
   const int64_t* shapes;
   const int64_t* starts;
   const coord_t* loc;
   const coord_t* attn;
-  scalar_t* out;
   Dims d;
+};
+
+template <typename scalar_t, typename coord_t>
+struct ForwardArgs : Inputs<scalar_t, coord_t> {
+  scalar_t* out;
 };
 
 // Tasks [begin, end) of the forward, one per (n, q, m).
@@ -137,18 +142,12 @@ DBSAM_ALWAYS_INLINE acc_t corner_dot_axpy(const acc_t* __restrict__ g, const sca
 }
 
 template <typename scalar_t, typename coord_t, typename out_t>
-struct BackwardArgs {
+struct BackwardArgs : Inputs<scalar_t, coord_t> {
   const scalar_t* grad_out;
-  const scalar_t* value;
-  const int64_t* shapes;
-  const int64_t* starts;
-  const coord_t* loc;
-  const coord_t* attn;
   out_t* out;
   int64_t splits;
   coord_t* grad_loc;
   coord_t* grad_attn;
-  Dims d;
 };
 
 // Each (n, m) task (or query range `part` of it, with splits > 1) accumulates its grad_value slice in
@@ -268,8 +267,9 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
                     using scalar_t = typename decltype(vtag)::type;
                     using coord_t = typename decltype(ctag)::type;
                     forward_kernel(ForwardArgs<scalar_t, coord_t>{
-                        v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                        loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out.data_ptr<scalar_t>(), d});
+                        {v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                         loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), d},
+                        out.data_ptr<scalar_t>()});
                   });
   return out;
 }
@@ -306,9 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     auto run = [&](auto* out) {
       using out_t = std::remove_pointer_t<decltype(out)>;
       backward_kernel(BackwardArgs<scalar_t, coord_t, out_t>{
-          go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          loc.data_ptr<coord_t>(), attn.data_ptr<coord_t>(), out, splits, grad_loc.data_ptr<coord_t>(),
-          grad_attn.data_ptr<coord_t>(), d});
+          {v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<coord_t>(),
+           attn.data_ptr<coord_t>(), d},
+          go.data_ptr<scalar_t>(), out, splits, grad_loc.data_ptr<coord_t>(), grad_attn.data_ptr<coord_t>()});
     };
     if (splits == 1) {
       grad_value = at::empty(v.sizes(), v.options());  // every element stored once by its task
