@@ -1,4 +1,4 @@
-"""The `dbsam` command: info, train, evaluate, predict, demo.
+"""The `dbsam` command: info, train, evaluate, predict, export, demo.
 
 Every subcommand imports torch, the model and the data code only when it runs, so `--help` works
 anywhere (no GPU, no Triton, no checkpoint).
@@ -189,6 +189,34 @@ def cmd_predict(args):
     return 0 if written else 1
 
 
+def cmd_export(args):
+    import torch
+
+    import dbsam.ops
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    try:
+        table = dbsam.ops.onnx_translation_table()
+    except ImportError as err:  # one line, as for bad input: the extra is missing
+        raise ValueError(str(err)) from err
+    model, what = _load_model(args, torch.device("cpu"))
+    print(f"model: {what}", flush=True)
+    S, B = model.config.img_size, args.batch
+    # The batch is fixed in the file: SAM's mask decoder pairs one image with its prompts, so decode
+    # runs one decoder call per image, which the export unrolls (example values only fix shapes).
+    images = torch.zeros(B, 3, S, S)
+    boxes = torch.tensor([[0.0, 0.0, S - 1.0, S - 1.0]]).repeat(B, 1)
+    with torch.no_grad():
+        program = torch.onnx.export(model.eval(), (images, boxes), dynamo=True, input_names=["images", "boxes"],
+                                    output_names=["low_res_logits", "iou"], custom_translation_table=table)
+    program.save(args.out)
+    print(f"wrote {args.out}: images ({B}, 3, {S}, {S}) normalised and padded as DBSAM.preprocess does, "
+          f"boxes ({B}, 4) XYXY in that {S} x {S} frame -> low_res_logits ({B}, 1, {S // 4}, {S // 4}), "
+          f"iou ({B}, 1); resizing to the original image is the caller's (DBSAMPredictor does it in PyTorch)")
+    return 0
+
+
 def cmd_demo(args):
     from dbsam.demo import run_demo
 
@@ -265,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"))
     _model_options(p)
 
+    p = sub.add_parser("export", help="the model (images and boxes in, mask logits and IoU out) as an ONNX "
+                       "file that ONNX Runtime, TensorRT and the like run without custom ops (needs the onnx extra)")
+    p.add_argument("--out", default="dbsam.onnx", help="output file (default dbsam.onnx)")
+    p.add_argument("--batch", type=int, default=1, help="images per call, fixed in the file (default 1)")
+    _model_options(p)
+
     p = sub.add_parser("demo", help="synthetic data, short CPU fine-tuning of DB-SAM and the MedSAM "
                        "baseline, DSC/NSD before and after, an overlay PNG")
     p.add_argument("--data", metavar="DIR", help="a real folder instead of synthetic data")
@@ -283,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"info": cmd_info, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "demo": cmd_demo}
+            "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

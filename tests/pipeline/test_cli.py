@@ -1,4 +1,5 @@
 """The `dbsam` command end to end on small synthetic files (and the real data when present)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,14 +24,14 @@ def data_dir() -> Path:
 
 def test_help_of_every_subcommand_needs_no_heavy_import():
     code = ("import sys\nfrom dbsam.cli import main\n"
-            "for cmd in ['info', 'train', 'evaluate', 'predict', 'demo']:\n"
+            "for cmd in ['info', 'train', 'evaluate', 'predict', 'export', 'demo']:\n"
             "    try:\n        main([cmd, '--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'segment_anything', 'triton', 'nibabel') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for cmd in ("train", "evaluate", "predict", "demo"):
+    for cmd in ("train", "evaluate", "predict", "export", "demo"):
         assert f"usage: dbsam {cmd}" in out.stdout
 
 
@@ -147,6 +148,31 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert set(results) == {"dbsam", "medsam", "overlay"} and Path(results["overlay"]).exists()
     for method in ("dbsam", "medsam"):
         assert results[method]["steps"] == 2 and 0 <= results[method]["after"]["dsc"] <= 1
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="needs onnx, onnxscript and onnxruntime (the onnx and test extras)")
+def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
+    pytest.importorskip("segment_anything")
+    import onnxruntime
+    import torch
+
+    from dbsam.train.methods import build_model
+
+    out = tmp_path / "dbsam.onnx"
+    assert main(["export", "--out", str(out), "--batch", "2", "--seed", "3"]) == 0
+    assert "low_res_logits (2, 1, 32, 32)" in capsys.readouterr().out
+    model = build_model("dbsam", "tiny", init_seed=3).eval()  # what `export` built: untrained tiny, seed 3
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # not the traced values
+    boxes = torch.tensor([[4.0, 8.0, 90.0, 120.0], [30.0, 20.0, 60.0, 70.0]])
+    with torch.no_grad():
+        want = model(images, boxes)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy(), "boxes": boxes.numpy()})
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, atol=1e-4, rtol=1e-4)
+    assert main(["export", "--out", str(out), "--batch", "0"]) == 2
+    assert "--batch must be >= 1" in capsys.readouterr().err
 
 
 def test_real_wbc_folder_is_detected(capsys):
