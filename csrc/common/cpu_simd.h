@@ -23,8 +23,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define DBSAM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define DBSAM_RESTRICT __restrict__
 #else
 #define DBSAM_ALWAYS_INLINE inline
+#define DBSAM_RESTRICT __restrict  // MSVC's spelling
 #endif
 
 namespace dbsam {

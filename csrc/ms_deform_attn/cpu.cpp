@@ -28,9 +28,9 @@ namespace {
 // (one load and store of acc per channel instead of four). A corner outside the map reads `zeros`
 // with weight 0, never a neighbouring row: 0 times a non-finite value would be NaN.
 template <typename scalar_t, typename acc_t>
-DBSAM_ALWAYS_INLINE void point_axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ v0,
-                                    const scalar_t* __restrict__ v1, const scalar_t* __restrict__ v2,
-                                    const scalar_t* __restrict__ v3, const acc_t (&w)[4], int64_t D) {
+DBSAM_ALWAYS_INLINE void point_axpy(acc_t* DBSAM_RESTRICT acc, const scalar_t* DBSAM_RESTRICT v0,
+                                    const scalar_t* DBSAM_RESTRICT v1, const scalar_t* DBSAM_RESTRICT v2,
+                                    const scalar_t* DBSAM_RESTRICT v3, const acc_t (&w)[4], int64_t D) {
   for (int64_t k = 0; k < D; ++k) {
     acc[k] += (w[0] * static_cast<acc_t>(v0[k]) + w[1] * static_cast<acc_t>(v1[k])) +
               (w[2] * static_cast<acc_t>(v2[k]) + w[3] * static_cast<acc_t>(v3[k]));
@@ -119,12 +119,12 @@ void forward_kernel(const ForwardArgs<scalar_t, coord_t>& args) {
 // kLanes partial sums (lane j takes channels j, j + kLanes, ...), added in a fixed order at the end:
 // one running sum is a chain of dependent additions that IEEE rules forbid the compiler to reorder,
 // so it neither vectorises nor overlaps (benchmarks/NOTES.md section 11 has the CPU backward's
-// figures before and after). __restrict__: g, v and gv never overlap
+// figures before and after). Restrict: g, v and gv never overlap
 // (g is the task's own buffer, gv the accumulator, v the input), which lets the axpy vectorise
 // without runtime overlap checks.
 template <typename scalar_t, typename acc_t>
-DBSAM_ALWAYS_INLINE acc_t corner_dot_axpy(const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
-                                          acc_t* __restrict__ gv, acc_t w, int64_t D) {
+DBSAM_ALWAYS_INLINE acc_t corner_dot_axpy(const acc_t* DBSAM_RESTRICT g, const scalar_t* DBSAM_RESTRICT v,
+                                          acc_t* DBSAM_RESTRICT gv, acc_t w, int64_t D) {
   constexpr int kLanes = 8;  // the final sum below adds exactly eight
   acc_t part[kLanes] = {};
   int64_t k = 0;
