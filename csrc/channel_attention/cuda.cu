@@ -14,16 +14,16 @@
 //   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) on wf^T (a view) with the residual x as the
 //                 GEMM's addend.
 // Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
-//   pack_weights (with W1^T, W2^T), the SE recomputed (two small_mm), gated_act (v = GELU(pre) *
-//   gate), two GEMMs (grad_pw from v, gv = grad at the gated activations), chan_dot_gelu (per-row
-//   channel sums of gv * GELU(pre)), the SE backward (sum_rows for the gate's grad, two small_mm,
-//   se_weight_grad), grad_pre (the grad at the DW output from gv, pre, the gate and the pooled-mean
-//   gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and LN-affine partial sums per
-//   block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW output inside it instead),
-//   ln_backward (one warp per pixel, + residual), sum_rows over its partials (grad_dw and the LN
-//   affine's grads, in the weights' dtypes). Until 2026-11-27 the backward recomputed the DW conv (214 us at
-//   8x64x64x768 bf16 on the H100) and gated u in a separate multiply (73 us); saving pre costs one
-//   [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
+//   pack_weights (with W1^T, W2^T), the SE recomputed (two small_mm), the GEMM gv = gy Wp (the grad
+//   at the gated activations), gate_dot (one pass over pre and gv: v = GELU(pre) * gate and the
+//   per-row channel sums of gv * GELU(pre)), the GEMM grad_pw = gy^T v, the SE backward (sum_rows for
+//   the gate's grad, two small_mm, se_weight_grad), grad_pre (the grad at the DW output from gv, pre,
+//   the gate and the pooled-mean gradient, into an fp32 map), dw_backward (transposed DW, grad_dw and
+//   LN-affine partial sums per block, deterministic; DBSAM_CA_FUSED_GRAD=1 forms the grad at the DW
+//   output inside it instead), ln_backward (one warp per pixel, + residual), sum_rows over its
+//   partials (grad_dw and the LN affine's grads, in the weights' dtypes). Until 2026-11-27 the backward
+//   recomputed the DW conv (214 us at 8x64x64x768 bf16 on the H100) and gated u in a separate multiply
+//   (73 us); saving pre costs one [B,H,W,C] map in x's dtype (50 MB there; eager saves 202 MB).
 // Host calls: everything small is a direct launch into one op-math buffer per call (the weights,
 // the SE vectors, the row sums), not an ATen op: the H100 runs showed the op host-bound at B = 1 and
 // the host's share visible at B = 8 (kernels.cuh, "The SE MLP, the small weights...").
@@ -280,48 +280,40 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const WeightLayout L{d.C, d.R, true};
   auto buf = at::empty({BackwardBuffer<float>::size(L, d)}, aopts);
   const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
-    const acc_t* scale = in.scale_ptr<acc_t>();
-    launch_pack<scalar_t, acc_t>(in.ptrs, L, m.w, stream);
-    // The SE recomputed from the saved pooled means: a, h = GELU(a), s = sigmoid(W2 h), gate = s * scale.
-    launch_small_mm(pooled_c.data_ptr<acc_t>(), m.w + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{m.a, m.h, R}, stream);
-    launch_small_mm(static_cast<const acc_t*>(m.h), m.w + L.w2(), d.B, d.C, d.R,
-                    GateEpi<acc_t>{scale, m.gate, m.s, C}, stream);
-  });
-  // gv = gy Wp (the grad at the gated activations), then one pass over pre and gv for v = GELU(pre) *
-  // gate and the gate's per-row grad sums, then grad_pw = gy^T v: GEMMs with fp32 accumulation in x's
-  // dtype.
   auto gy2 = gyc.view({P, d.C});
   auto wp_st = pw_weight.reshape({d.C, d.C});
   if (wp_st.scalar_type() != st) wp_st = wp_st.to(st);  // float32 master weights under AMP
-  auto gv = at::mm(gy2, wp_st);  // [P, Cin]
-  // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
-  const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
-  auto v = at::empty_like(xc);
+  const bool fused = fused_grad();
+  at::Tensor gpw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
+    acc_t* const wbuf = m.w;
+    const acc_t* scale = in.scale_ptr<acc_t>();
+    launch_pack<scalar_t, acc_t>(in.ptrs, L, wbuf, stream);
+    // The SE recomputed from the saved pooled means: a, h = GELU(a), s = sigmoid(W2 h), gate = s * scale.
+    launch_small_mm(pooled_c.data_ptr<acc_t>(), wbuf + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{m.a, m.h, R}, stream);
+    launch_small_mm(static_cast<const acc_t*>(m.h), wbuf + L.w2(), d.B, d.C, d.R,
+                    GateEpi<acc_t>{scale, m.gate, m.s, C}, stream);
+    // gv = gy Wp (the grad at the gated activations), then one pass over pre and gv for v = GELU(pre) *
+    // gate and the gate's per-row grad sums, then grad_pw = gy^T v: GEMMs with fp32 accumulation in
+    // x's dtype.
+    auto gv = at::mm(gy2, wp_st);  // [P, Cin]
+    // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
+    const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
+    auto v = at::empty_like(xc);
     with_vec<scalar_t>(vec_gv, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       gate_dot_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
           gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, v.data_ptr<scalar_t>(), m.rowdot, H, W, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  });
-  auto gpw = at::mm(gy2.t(), v.view({P, d.C}));
-  v.reset();
-  auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
-  auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
-  const bool fused = fused_grad();
-  at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
-  if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardBuffer<acc_t> m(buf.data_ptr<acc_t>(), L, d);
-    acc_t* const wbuf = m.w;
-    const acc_t* scale = in.scale_ptr<acc_t>();
+    gpw = at::mm(gy2.t(), v.view({P, d.C}));
+    v.reset();
+    auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
+    auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
+    at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
+    if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
     // The SE backward: gz at the gate's logit, ga at the hidden pre-activation, gp at the pooled means,
     // and the SE weights' grads (summed over the batch, in their own dtypes).
     launch_sum_rows(static_cast<const acc_t*>(m.rowdot), d.B, d.H, d.C, GateGradEpi<acc_t>{scale, m.s, m.gz, C},
