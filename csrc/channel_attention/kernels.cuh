@@ -258,35 +258,30 @@ __global__ void gate_dot_kernel(const scalar_t* __restrict__ gv, const scalar_t*
   block_sum_rows<acc_t, 1, VEC>(part, out + (b * H + i) * C, C);
 }
 
-// An elementwise pass over [P = B*H*W, C] maps that also reads a per-image [B, C] vector (grad_pre):
-// f(idx, bc) for every VEC-channel group, idx its flat offset and bc = b * C + c the image's row.
-// Launched with block (32, WARPS): a warp walks one pixel's channels, VEC per lane and access; pixels
-// grid-stride over threadIdx.y and the blocks. One 64-bit division per pixel (its image b): dividing
-// every element's flat index by HWC and C instead, as grad_pre first did, ptxas sm_90 made it 122
-// instructions per element (bf16, VEC 1).
-template <int VEC, typename F>
-__device__ __forceinline__ void for_each_pixel_channel(int64_t P, int64_t HW, int C, F f) {
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; p < P;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t b = p / HW;
-    for (int c = threadIdx.x * VEC; c < C; c += 32 * VEC) f(p * C + c, b * C + c);
-  }
-}
-
 // gd = (gv * s[b] + gp[b] / HW) * GELU'(pre), written to an acc_t map for dw_backward_kernel
-// (FUSED = false).
+// (FUSED = false). block (32, WARPS): a warp walks one pixel's channels, VEC per lane and access;
+// pixels grid-stride over threadIdx.y and the blocks. Indexing by (pixel, channel) keeps 64-bit
+// divisions out of the per-element work (one per pixel: its image b); the flat version divided
+// every element's index by HWC and C, and ptxas sm_90 made it 122 instructions per element (bf16).
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
                                 const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t* __restrict__ gd,
                                 int64_t P, int64_t HW, int C, acc_t inv_hw) {
-  for_each_pixel_channel<VEC>(P, HW, C, [&](int64_t idx, int64_t bc) {
-    acc_t gvv[VEC], pv[VEC], out[VEC];
-    load_vec<VEC>(gv + idx, gvv);
-    load_vec<VEC>(pre + idx, pv);
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; p < P;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t b = p / HW;
+    const acc_t* sb = s + b * C;
+    const acc_t* gpb = gp + b * C;
+    for (int c = threadIdx.x * VEC; c < C; c += 32 * VEC) {
+      const int64_t idx = p * C + c;
+      acc_t gvv[VEC], pv[VEC], out[VEC];
+      load_vec<VEC>(gv + idx, gvv);
+      load_vec<VEC>(pre + idx, pv);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = (gvv[k] * s[bc + k] + gp[bc + k] * inv_hw) * gelu_grad(pv[k]);
-    store_vec<VEC>(gd + idx, out);
-  });
+      for (int k = 0; k < VEC; ++k) out[k] = (gvv[k] * sb[c + k] + gpb[c + k] * inv_hw) * gelu_grad(pv[k]);
+      store_vec<VEC>(gd + idx, out);
+    }
+  }
 }
 
 // Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
