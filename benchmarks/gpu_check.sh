@@ -204,7 +204,7 @@ step_ncu() {
   ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
   [ -x "$ncu" ] || { echo "ncu not found"; return 1; }
   "$ncu" --clock-control none --target-processes all --launch-count 16 \
-    --kernel-name regex:'msda_|dw_gelu|dw_backward|ln_stats|ln_backward|fold_kernel|grad_pre|chan_dot' \
+    --kernel-name regex:'msda_|dw_gelu|dw_backward|ln_stats|ln_backward|fold_kernel|grad_pre|gate_dot' \
     --section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
     "$PYTHON" benchmarks/ncu_case.py
 }

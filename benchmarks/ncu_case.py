@@ -1,6 +1,6 @@
 """One forward + backward of each op's CUDA kernels, for Nsight Compute (gpu_check.sh's `ncu` step).
 
-    ncu --clock-control none --kernel-name regex:'msda_|dw_|ln_|fold|grad_pre|chan_dot' \\
+    ncu --clock-control none --kernel-name regex:'msda_|dw_|ln_|fold|grad_pre|gate_dot' \\
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \\
         python benchmarks/ncu_case.py
 
