@@ -1,8 +1,9 @@
 """A/B timing of the CUDA kernels' sample order (DBSAM_MSDA_ORDER=query|head) and of the load width
 for fp16/bf16 (default: 16-byte forward, 8-byte atomic backward; DBSAM_MSDA_LOAD_BYTES=8 or 16 forces
 one width on both, rows marked /8B and /16B), of grad_value added straight in bf16/fp16
-(DBSAM_MSDA_LOWP_ATOMICS=1, rows marked /lowp), of the forward that locates each sample point once
-per group (DBSAM_MSDA_FWD_BCAST=1, rows marked /bcast, forward only), plus the
+(DBSAM_MSDA_LOWP_ATOMICS=1, rows marked /lowp), of the forward whose every lane locates its sample
+point itself (DBSAM_MSDA_FWD_BCAST=0, rows marked /lanes, forward only; the default locates it once
+per group of lanes), plus the
 deterministic backward, at kernels.md shapes with model-like locations (msda_inputs.py) and one
 uniform-location case. Prints one line per case: median microseconds of
 the forward and of the backward op alone, and the forward's effective bandwidth (floor bytes /
@@ -31,8 +32,8 @@ ROWS = (
     {"DBSAM_MSDA_ORDER": "query"}, {"DBSAM_MSDA_ORDER": "head"}, {},
     # fp16/bf16 with one load width forced on both directions
     {"DBSAM_MSDA_LOAD_BYTES": "8"}, {"DBSAM_MSDA_LOAD_BYTES": "16"},
-    # opt-ins: grad_value added straight in bf16/fp16; the forward that locates each point once per group
-    {"DBSAM_MSDA_LOWP_ATOMICS": "1"}, {"DBSAM_MSDA_FWD_BCAST": "1"},
+    # the opt-in grad_value added straight in bf16/fp16; the forward default's predecessor (per-lane locate)
+    {"DBSAM_MSDA_LOWP_ATOMICS": "1"}, {"DBSAM_MSDA_FWD_BCAST": "0"},
 )
 KNOBS = sorted({knob for row in ROWS for knob in row})
 
@@ -67,9 +68,9 @@ def child() -> None:
         order += "/" + os.environ["DBSAM_MSDA_LOAD_BYTES"] + "B"
     if os.environ.get("DBSAM_MSDA_LOWP_ATOMICS") == "1":
         order += "/lowp"
-    bcast = os.environ.get("DBSAM_MSDA_FWD_BCAST") == "1"
-    if bcast:  # a forward-only variant: the backward rows would repeat the default's
-        order += "/bcast"
+    fwd_only = os.environ.get("DBSAM_MSDA_FWD_BCAST") == "0"
+    if fwd_only:  # a forward-only variant: the backward rows would repeat the default's
+        order += "/lanes"
     for name, (N, Lq, levels, M, D, P, dt, locality) in CASES.items():
         dtype = getattr(torch, dt)
         g = torch.Generator(dev).manual_seed(0)
@@ -78,7 +79,7 @@ def child() -> None:
         go = torch.randn(N, Lq, M * D, generator=g, device=dev).to(dtype)
         t_f = median_us(lambda: fwd(value, spatial, starts, loc, attn))
         t_b = t_d = float("nan")
-        if not bcast:
+        if not fwd_only:
             t_b = median_us(lambda: bwd(go, value, spatial, starts, loc, attn))
             torch.use_deterministic_algorithms(True)
             t_d = median_us(lambda: bwd(go, value, spatial, starts, loc, attn), reps=3)

@@ -69,15 +69,20 @@ dim3 tile_grid(const Dims& d, int vec) {
               static_cast<unsigned>(d.B));
 }
 
-// Channels per thread of the [B,H,W,C] kernels (kernels.cuh): DBSAM_CA_VEC=1|2|4, read at every
-// call so that the benchmark's A/B rows and the tests switch it within one process; 1 (the layout
-// the H100 runs measured) until a GPU run shows another is faster. A VEC that does not divide C, or
-// that a buffer's alignment does not allow (a view with an odd offset), falls back to the widest
-// that does; double always runs 1 (its correctness path, one instantiation fewer per kernel).
+// Channels per thread of the [B,H,W,C] kernels (kernels.cuh): by default 8 bytes per thread (bf16 and
+// fp16: 4 channels, fp32: 2). On the H100 (2026-11-27, results/h100_2026-11-27_dfbc80c) both widths
+// were as fast as one channel per thread or faster at every 8x64x64xC case (up to 1.28x); 4 and 2
+// channels were within each other's spread, and the 8-byte rule takes the better of the two at the model's width (C = 768) in
+// bf16 fwd+bwd (1554 against 1843 us) and fp32 fwd+bwd (3864 against 4046 us). DBSAM_CA_VEC=1|2|4
+// forces one (read at every call, so the benchmark's A/B rows and the tests switch it within one
+// process). A VEC that does not divide C, or that a buffer's alignment does not allow (a view with
+// an odd offset), falls back to the widest that does; double always runs 1 (its correctness path,
+// one instantiation fewer per kernel).
 int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs) {
-  const char* e = std::getenv("DBSAM_CA_VEC");
-  int vec = (e != nullptr && e[0] == '4' && e[1] == '\0') ? 4 : (e != nullptr && e[0] == '2' && e[1] == '\0') ? 2 : 1;
   if (elem >= 8) return 1;
+  const char* e = std::getenv("DBSAM_CA_VEC");
+  const bool forced = e != nullptr && (e[0] == '1' || e[0] == '2' || e[0] == '4') && e[1] == '\0';
+  int vec = forced ? e[0] - '0' : static_cast<int>(8 / elem);
   auto fits = [&](int v) {
     if (d.C % v != 0) return false;
     for (const void* p : ptrs) {
@@ -91,8 +96,10 @@ int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs
 
 // DBSAM_CA_FUSED_GRAD=1: the transposed-DW kernel forms the grad at the DW output itself from gv and
 // the saved pre (no grad_pre pass, no fp32 map, GELU' three times per pixel); unset, grad_pre_kernel
-// writes that grad once and dw_backward_kernel reads it, as the kernels measured on the H100 did.
-// Read at every call, like DBSAM_CA_VEC: an A/B knob until a GPU run decides (kernels.cuh).
+// writes that grad once and dw_backward_kernel reads it. Read at every call, like DBSAM_CA_VEC. An
+// opt-in that lost: on the H100 (2026-11-27) fwd+bwd ran 3-8% slower with it at every 8x64x64xC case
+// (its GELU' thrice per pixel against grad_pre's one pass: a guess, not profiled); kept for the next
+// kernel change.
 bool fused_grad() {
   const char* e = std::getenv("DBSAM_CA_FUSED_GRAD");
   return e != nullptr && e[0] == '1' && e[1] == '\0';

@@ -233,11 +233,11 @@ print("ok")
 
 @pytest.mark.parametrize("knob,setting", [("DBSAM_MSDA_ORDER", "query"), ("DBSAM_MSDA_ORDER", "head"),
                                           ("DBSAM_MSDA_LOAD_BYTES", "8"), ("DBSAM_MSDA_LOAD_BYTES", "16"),
-                                          ("DBSAM_MSDA_FWD_BCAST", "1")])
+                                          ("DBSAM_MSDA_FWD_BCAST", "0")])
 def test_kernel_variants(knob, setting):
     # The kernels read their A/B variables (sample order; 8- or 16-byte loads for fp16/bf16 in both
-    # directions, where the default is 16 forward and 8 backward; the forward that locates each
-    # point once per group) once per process: run each setting in a fresh one. Parity and the clean
+    # directions, where the default is 16 forward and 8 backward; FWD_BCAST=0: the forward whose
+    # every lane locates its point, where the default locates it once per group) once per process: run each setting in a fresh one. Parity and the clean
     # exit are asserted apart, so a failure says which of the two broke (the exit-time abort:
     # benchmarks/NOTES.md sections 8-9).
     res = _run_fresh(_ORDER_SCRIPT, **{knob: setting})
