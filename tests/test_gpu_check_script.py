@@ -83,11 +83,11 @@ def test_goals_verdicts_from_synthetic_rows():
         {"name": "test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-eager_nchw]", "stats": {"median": 2.6e-3},
          "extra_info": {"saved_activation_bytes": 202}},
         {"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": "auto"},
-         "stats": {"median": 0.10}, "extra_info": {"peak_memory_MiB": 6000.0}},
+         "stats": {"median": 0.10}, "extra_info": {"peak_memory_MiB": 6000.0, "allocated_at_start_MiB": 400.0}},
         {"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": "reference"},
-         "stats": {"median": 0.12}, "extra_info": {"peak_memory_MiB": 9000.0}},
+         "stats": {"median": 0.12}, "extra_info": {"peak_memory_MiB": 9000.0, "allocated_at_start_MiB": 410.0}},
         {"name": "t", "group": "vit_b train step batch 2 bf16 grad-ckpt", "params": {"backend": "auto"},
-         "stats": {"median": 0.15}, "extra_info": {"peak_memory_MiB": 15300.0}},
+         "stats": {"median": 0.15}, "extra_info": {"peak_memory_MiB": 15300.0, "allocated_at_start_MiB": 400.0}},
     ]
     verdict = {what: holds for _, what, _, _, holds in goals.evaluate(rows).lines}
     assert verdict[f"fwd % of copy, {shape} N8 bfloat16"] is True
@@ -103,6 +103,15 @@ def test_goals_verdicts_from_synthetic_rows():
     assert verdict["train step bf16 batch 2: reference time / fast"] is False  # 1.2x
     assert verdict["train step bf16 batch 2: peak memory fast / reference"] is True  # 0.67x
     assert verdict["batch 2 bf16 with grad checkpointing: peak memory"] is False  # 15300 MiB > 16e9 bytes
+    # A peak counts only where the rows say they started from the same memory (run 5's did not).
+    for start in (None, 4000.0):
+        info = rows[-2]["extra_info"]
+        info.pop("allocated_at_start_MiB", None)
+        if start is not None:
+            info["allocated_at_start_MiB"] = start
+        verdict = {what: holds for _, what, _, _, holds in goals.evaluate(rows).lines}
+        assert verdict["train step bf16 batch 2: peak memory fast / reference"] is None, start
+        assert verdict["train step bf16 batch 2: reference time / fast"] is False
 
 
 def test_goals_reads_a_committed_gpu_run():
