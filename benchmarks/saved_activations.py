@@ -27,7 +27,12 @@ def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ())
     def pack(t):
         st = t.untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
-        return t
+        # Not `t` itself: a tensor saved as an output of the op that saved it (sigmoid, softmax, our
+        # ops' statistics) would then hold its own grad_fn through the packed value, a cycle through
+        # C++ that no garbage collection frees. H100 run 5 lost each measured forward's activations
+        # that way, row after row, until the model benchmark ran out of memory. A detached view
+        # keeps the same storage (the same bytes, the same values) without the grad_fn.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()

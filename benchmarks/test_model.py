@@ -162,12 +162,13 @@ def _live_cuda_tensors():
 @pytest.fixture
 def cuda_memory_guard(request, benchmark):
     """Every ViT-B benchmark starts from the same device memory (the model alone) and says whether it
-    left anything behind. The first run of these benchmarks (H100, 2026-11-27) saw the allocated
-    memory grow from test to test, up to an out-of-memory at batch 2 bf16 (results/
-    h100_2026-11-27_dfbc80c/bench_model.log), which also inflated every later row's peak; not
-    reproduced on the CPU (no reference cycle there), so the cause is unknown. gc.collect() before
-    each row frees whatever cycles hold; `allocated_at_start_MiB` and `left_behind_MiB` in extra_info,
-    and the live tensors printed when over 64 MiB, say whether anything else leaks and what."""
+    left anything behind. In H100 run 5 the allocated memory grew from row to row until batch 2 bf16
+    ran out of memory (results/h100_2026-11-27_dfbc80c/bench_model.log), inflating every later
+    row's peak: saved_bytes' pack hook returned each tensor itself, so every output saved for
+    backward in the measured forward held its own grad_fn, a cycle through C++ (fixed in
+    saved_activations.py; tests/test_saved_bytes_helpers.py). The guard stays, so that a leak is
+    seen at its row: `allocated_at_start_MiB` and `left_behind_MiB` in extra_info, and the live
+    CUDA tensors printed when a row leaves over 64 MiB."""
     gc.collect()
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()

@@ -33,7 +33,7 @@ def saved_activation_bytes(fn, x, ws):
         st = t.untyped_storage()
         if st.data_ptr() not in skip:
             seen[st.data_ptr()] = st.nbytes()
-        return t
+        return t.detach()  # `t` itself would leak saved outputs (benchmarks/saved_activations.py says how)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
