@@ -123,3 +123,29 @@ def test_goals_reads_a_committed_gpu_run():
     last = res.stdout.strip().splitlines()[-1]
     measured = int(last.split(" of ")[1].split()[0])
     assert measured >= 50, last  # run 3 timed every MSDA shape with its peers, and the adapter
+
+
+def test_build_key_follows_what_the_build_reads(tmp_path, monkeypatch):
+    # gpu_check.sh reuses a module on a second call only while this key is unchanged.
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from build_key import build_key
+    finally:
+        sys.path.pop(0)
+    repo = tmp_path / "repo"
+    (repo / "csrc" / "op").mkdir(parents=True)
+    (repo / "setup.py").write_text("setup()\n")
+    (repo / "csrc" / "op" / "k.cu").write_text("__global__ void k() {}\n")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    key = build_key(str(repo))
+    assert build_key(str(repo)) == key
+    os.utime(repo / "csrc" / "op" / "k.cu", (1, 1))  # a fresh copy's times alone: same key
+    assert build_key(str(repo)) == key
+    (repo / "csrc" / "op" / "k.cu").write_text("__global__ void k() { }\n")
+    changed = build_key(str(repo))
+    assert changed != key
+    (repo / "csrc" / "op" / "new.h").write_text("")
+    with_header = build_key(str(repo))
+    assert with_header != changed
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert build_key(str(repo)) != with_header
