@@ -12,11 +12,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+CHECK_GPU_STEPS = ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "bench_model"]
+DIAGNOSTIC_STEPS = ["profile", "ncu", "ab", "exit_probe", "bench_slow"]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
-def test_gpu_check_without_a_gpu(tmp_path):
+@pytest.mark.parametrize("mode", [None, "full"])
+def test_gpu_check_without_a_gpu(tmp_path, mode):
     out, tgz = tmp_path / "out", tmp_path / "gc.tgz"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_TAR=str(tgz),
                GPU_CHECK_SKIP="build ptxas tests", PATH="/usr/bin:/bin")  # no nvidia-smi on PATH
+    env.pop("GPU_CHECK_MODE", None)
+    if mode:
+        env["GPU_CHECK_MODE"] = mode
     res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -24,11 +32,23 @@ def test_gpu_check_without_a_gpu(tmp_path):
     assert summary[0].startswith("PASS  info"), summary
     assert "SKIP  build  (GPU_CHECK_SKIP)" in summary
     gpu_steps = [line.split()[1] for line in summary if "needs a GPU" in line]
-    assert gpu_steps == ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "profile", "ncu", "ab",
-                         "exit_probe", "bench_model", "bench_slow", "report"], summary
+    diagnostics = [line.split()[1] for line in summary if "GPU_CHECK_MODE=full runs it" in line]
+    if mode == "full":  # the diagnostics after the check, in that order
+        assert gpu_steps == CHECK_GPU_STEPS + DIAGNOSTIC_STEPS + ["report"], summary
+        assert diagnostics == []
+    else:  # the default: the check alone (under 8 minutes on an H100)
+        assert gpu_steps == CHECK_GPU_STEPS + ["report"], summary
+        assert diagnostics == DIAGNOSTIC_STEPS, summary
     assert "torch" in (out / "info.log").read_text()
     with tarfile.open(tgz) as tar:
         assert "out/summary.txt" in tar.getnames()
+
+
+def test_gpu_check_refuses_an_unknown_mode(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, GPU_CHECK_MODE="everything")
+    res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "GPU_CHECK_MODE must be core or full" in res.stderr
 
 
 def test_exit_probe_runs_on_the_cpu():
@@ -149,3 +169,17 @@ def test_build_key_follows_what_the_build_reads(tmp_path, monkeypatch):
     assert with_header != changed
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     assert build_key(str(repo)) != with_header
+
+
+def test_gpu_check_deselects_tests_that_exist():
+    # The tests step leaves out CPU-only minute-long compiles by node id: a renamed test would
+    # silently come back into the GPU's eight minutes.
+    import re
+    import shlex
+
+    with open(os.path.join(REPO, "benchmarks", "gpu_check.sh")) as f:
+        ids = [shlex.split(m)[0] for m in re.findall(r"--deselect (\S+)", f.read())]
+    assert ids
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *ids],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"{len(ids)} tests collected" in res.stdout, res.stdout[-2000:]
