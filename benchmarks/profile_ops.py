@@ -19,10 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import host_and_wall_us  # noqa: E402
 
 
-def _profile(name, step, reps=5, top=12, gemm_shapes=False):
+def _profile(name, step, reps=5, top=12, gemm_shapes=False, host_ops=False):
     """gemm_shapes: also list the matmul calls (aten::mm/bmm/baddbmm/addmm) by input shape with their
     CUDA time: run 4 showed two fp32 cuBLAS kernels of ~55 us each inside the bf16 adapter op whose
-    source call could not be told from the kernel names."""
+    source call could not be told from the kernel names. host_ops: also list where the host time goes
+    (self CPU time per step of each op and runtime call: launches, allocations, cuBLAS, the autograd
+    nodes): run 5 measured the adapter's fwd+bwd at ~1.1 ms of host time on that machine, about half
+    the wall at B = 8, without saying which calls take it."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -53,6 +56,25 @@ def _profile(name, step, reps=5, top=12, gemm_shapes=False):
         for e in sorted(mm, key=lambda e: -(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0))):
             t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / reps
             print(f"   [gemm] {t:9.1f} us  x{e.count // reps:<3d} {e.key} {e.input_shapes}")
+    if host_ops:
+        print_host_ops(step, reps)
+
+
+def print_host_ops(step, reps=5, top=15, sync=torch.cuda.synchronize):
+    """The CPU side of `reps` steps alone: self CPU time per step of each op and runtime call, the
+    largest first (the profiler's own cost inflates the total: read the shares)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+        sync()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) / reps
+    print(f"   [host] {total:9.1f} us of self CPU time per step under the profiler")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        t = e.self_cpu_time_total / reps
+        print(f"   [host] {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{e.count // reps:<3d} {e.key[:90]}")
 
 
 def channel_attention_cases():
@@ -79,7 +101,7 @@ def channel_attention_cases():
             torch.autograd.grad(model(x), [x, *model.parameters()], g)
 
         _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
-                 gemm_shapes=impl == "cuda" and shape[0] > 1)
+                 gemm_shapes=impl == "cuda" and shape[0] > 1, host_ops=shape[0] == 1)
         for knob in knobs:
             os.environ.pop(knob, None)
 
@@ -119,7 +141,7 @@ def msda_cases():
             def step(fn=fn):
                 torch.autograd.grad(fn(), (value, l, a), grad)
 
-            _profile(f"ms_deform_attn {name} injector N{N} {str(dtype)[6:]} fwd+bwd", step)
+            _profile(f"ms_deform_attn {name} injector N{N} {str(dtype)[6:]} fwd+bwd", step, host_ops=N == 1)
 
 
 def main() -> int:

@@ -183,3 +183,25 @@ def test_gpu_check_deselects_tests_that_exist():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *ids],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"{len(ids)} tests collected" in res.stdout, res.stdout[-2000:]
+
+
+def test_profile_ops_host_table_on_the_cpu(capsys):
+    # The host-time table runs on any device (the GPU run reads it for the adapter and MSDA at B = 1).
+    # profile_ops imports the benchmarks' conftest, a name the tests' own conftest holds here.
+    tests_conftest = sys.modules.pop("conftest", None)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import profile_ops
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("conftest", None)
+        if tests_conftest is not None:
+            sys.modules["conftest"] = tests_conftest
+    import torch
+
+    x = torch.randn(64, 64, requires_grad=True)
+    profile_ops.print_host_ops(lambda: torch.autograd.grad((x @ x).relu().sum(), [x]), reps=2,
+                               sync=lambda: None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "[host]" in line]
+    assert "self CPU time per step" in lines[0]
+    assert any("aten::mm" in line for line in lines[1:]), lines
