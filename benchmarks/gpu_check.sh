@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-call GPU check. From the repository root:
-#     OUT=./gpu_out bash benchmarks/gpu_check.sh                      # the check: ~7 minutes on an H100
+#     OUT=./gpu_out bash benchmarks/gpu_check.sh                      # the check: ~7 minutes on an H100 (run 5's step times)
 #     OUT=./gpu_out GPU_CHECK_MODE=full bash benchmarks/gpu_check.sh  # and the diagnostics: ~14 minutes
 # The check (GPU_CHECK_MODE=core, the default; step times from H100 run 5, NOTES.md section 12):
 #   info       card, driver, torch/CUDA/Triton versions, git commit
