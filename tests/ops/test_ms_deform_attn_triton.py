@@ -298,6 +298,37 @@ def test_gradients_match_reference(dtype, coords, tol, case):
         assert _rel(x, y) < tol, f"{name}: rel err {_rel(x, y):.3g}"
 
 
+@pytest.mark.parametrize("lowp", ["0", "1"])
+def test_low_precision_grad_value_buffer(lowp, monkeypatch):
+    # DBSAM_MSDA_LOWP_ATOMICS=1: an fp16/bf16 value's grad_value is scattered into a buffer of its own
+    # dtype (the kernel's atomics take the buffer's dtype), not into fp32; fp32 values are untouched.
+    # fp16 here: the interpreter has no bf16 atomics (Triton 3.8), the GPU test runs both.
+    monkeypatch.setenv("DBSAM_MSDA_LOWP_ATOMICS", lowp)
+    tb = _tb()
+    buffers = []
+    real_launch = tb._launch
+
+    def spy(kind, tensors, *args):
+        if kind == "bwd":
+            buffers.append(tensors[6].dtype)
+        return real_launch(kind, tensors, *args)
+
+    monkeypatch.setattr(tb, "_launch", spy)
+    N, Lq, M, D, levels, P = CASES[0]
+    value, shapes, starts, loc, attn = _inputs(N, Lq, M, D, levels, P, seed=11, away_from_grid=True)
+    grad_out = torch.randn(N, Lq, M * D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float16, torch.float32):
+        v, l, a = value.to(dtype), loc.float(), attn.float()
+        g = grad_out.to(dtype).double()
+        got = _triton_fwd_bwd(v, shapes, starts, l, a, g)
+        want = _reference_grads(v, shapes, l, a, g)
+        tol = 1e-2 if dtype == torch.float16 else 1e-5
+        for name, x, y in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, want):
+            assert _rel(x, y) < tol, f"{dtype} {name}: rel err {_rel(x, y):.3g}"
+        assert got[1].dtype == dtype
+    assert buffers == [torch.float16 if lowp == "1" else torch.float32, torch.float32]
+
+
 def test_gradcheck_float64():
     # Finite differences on the kernels themselves (float64), tiny shape, away from the grid.
     value, shapes, starts, loc, attn = _inputs(1, 3, 1, 2, [(3, 4), (2, 3)], 1, seed=2, away_from_grid=True)
@@ -445,6 +476,27 @@ def test_gpu_kernels_md_shapes(name, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for name_, x, y in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, want):
         assert _rel(x, y) < tol, f"{name}/{name_}: rel err {_rel(x, y):.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision_grad_value_atomics(dtype, monkeypatch):
+    # DBSAM_MSDA_LOWP_ATOMICS=1 on the GPU: 16-bit atomics into a grad_value of value's dtype. A
+    # realistic layout (a few contributions per value row) and a hot spot (a 2x2 level every query
+    # samples: hundreds of rounded adds per row). The 10% bound catches a wrong buffer or address
+    # (O(1) errors); the printed errors are the figure that decides whether this could be a default.
+    monkeypatch.setenv("DBSAM_MSDA_LOWP_ATOMICS", "1")
+    for levels, D in (([(24, 20), (12, 10), (6, 5)], 64), ([(16, 16), (2, 2)], 8)):
+        value, shapes, starts, loc, attn = _inputs(2, 200, 4, D, levels, 4, device="cuda", seed=D, outside=0.0)
+        v, l, a = value.to(dtype), loc.float(), attn.float()
+        grad_out = torch.randn(2, 200, 4 * D, device="cuda", dtype=torch.float64).to(dtype).double()
+        got = _triton_fwd_bwd(v, shapes, starts, l, a, grad_out)
+        want = _reference_grads(v, shapes, l, a, grad_out)
+        errs = [_rel(x, y) for x, y in zip(got, want)]
+        print(f"triton lowp {dtype} D={D} levels={levels}: relative error out {errs[0]:.2e} grad_value "
+              f"{errs[1]:.2e} grad_loc {errs[2]:.2e} grad_attn {errs[3]:.2e}")
+        assert got[1].dtype == dtype
+        assert errs[1] < 0.1 and max(errs[0], errs[2], errs[3]) < 1e-2, errs
 
 
 @gpu

@@ -61,6 +61,13 @@ BACKWARD_OP = "dbsam::ms_deform_attn_triton_backward"
 # DBSAM_TRITON_AUTOTUNE=0 launches the fixed config below on the GPU too (no autotuning: tests,
 # reproducible timing). The interpreter always uses the fixed config.
 _AUTOTUNE_ENV = "DBSAM_TRITON_AUTOTUNE"
+# DBSAM_MSDA_LOWP_ATOMICS=1 (the CUDA kernel's opt-in, read here at every backward): an fp16/bf16
+# value's grad_value is scattered straight into a tensor of its dtype (the kernel's atomics take the
+# buffer's dtype), not into an fp32 buffer converted at the end: half the atomic bytes, no fp32
+# zero-fill and no conversion pass, and a rounding at every add. deformops's Triton backward works
+# this way (its bf16 fwd+bwd led ours by 1.3x at the injector in H100 run 5); off by default until
+# a GPU run has read the error it costs.
+_LOWP_ENV = "DBSAM_MSDA_LOWP_ATOMICS"
 
 
 def _env_interpret() -> bool:
@@ -213,10 +220,10 @@ def _msda_bwd_kernel(grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, a
     # atomics are resolved in L2 (Triton 3.8 emits 16-byte vector atomics on sm90); collisions do
     # happen (neighbouring queries of a head share corners when queries are as dense as the map)
     # and serialise in L2, which is the cost to measure against the ~95 us floor of kernels.md.
-    # bf16x2/fp16x2 packed atomics would halve the traffic, but their support differs between
-    # Triton releases (3.6 on the GPU machine, 3.8 here) and bf16 accumulation would lose the low
-    # bits of many small contributions; fp32 is portable and accurate. Atomics make the summation
-    # order vary run to run: the op alerts under torch.use_deterministic_algorithms(True).
+    # 16-bit atomics would halve the traffic, but bf16 accumulation loses the low bits of many small
+    # contributions; fp32 is the default, and a bf16/fp16 grad_value buffer (DBSAM_MSDA_LOWP_ATOMICS=1,
+    # _LOWP_ENV) makes these same atomics 16-bit: they take the buffer's dtype. Atomics make the
+    # summation order vary run to run: the op alerts under torch.use_deterministic_algorithms(True).
     pid = tl.program_id(0)
     num_qb = tl.cdiv(Lq, BLOCK_Q)
     qb = pid % num_qb
@@ -485,7 +492,10 @@ if triton is not None:
             # (or warn, with warn_only=True) as PyTorch's own nondeterministic ops do. The CPU
             # backend's backward is deterministic.
             alert_not_deterministic("ms_deform_attn's Triton backward (grad_value uses atomic adds)")
-        acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+        if value.dtype in (torch.float16, torch.bfloat16) and os.environ.get(_LOWP_ENV) == "1":
+            acc_dtype = value.dtype
+        else:
+            acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         if N * Lq * M * D * L * P == 0:
             grad_loc = torch.zeros_like(sampling_locations)
