@@ -188,9 +188,10 @@ step_tests_cuda() {
 }
 
 # Two CPU-only tests compile with inductor for a minute each (the step's critical path in run 5, 101 s
-# in all); CI runs them on every push, so the GPU's time goes to the GPU cases.
+# in all); CI runs them on every push, so the GPU's time goes to the GPU cases. -rsP as above (the
+# Triton lowp test prints its errors).
 step_tests() {
-  "$PYTHON" -m pytest tests/ops tests/model/test_vit_attention.py -q -rs $(xdist) --ignore=tests/ops/test_ms_deform_attn_cuda.py \
+  "$PYTHON" -m pytest tests/ops tests/model/test_vit_attention.py -q -rsP $(xdist) --ignore=tests/ops/test_ms_deform_attn_cuda.py \
     --deselect tests/ops/test_ms_deform_attn.py::test_op_compiles_with_inductor \
     --deselect "tests/ops/test_channel_attention.py::test_compile_fullgraph[cpu-inductor]" \
     --junitxml="$OUT/junit_ops.xml" -p no:cacheprovider
