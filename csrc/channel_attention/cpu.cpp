@@ -92,7 +92,11 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   // grad_pw[o, c] = sum_b s[b, c] * (gy_b^T u_b)[o, c]
   auto gpw = at::bmm(gy3.transpose(1, 2), u3).mul_(s_eff.unsqueeze(1)).sum(0);
   auto gv = at::matmul(gy3, w.wp);  // [B, HW, Cin]: grad at the gated activations
-  auto gs = (gv * u3).sum(1);       // [B, C]
+  // In place from here on (u and gv are this function's own maps): two fresh full-size buffers and
+  // a pass fewer. A fresh multi-MB buffer can cost its page faults (~1.5 us per 4 KB page on the
+  // development host); whether it does depends on the allocator's state, so the saving is real in
+  // memory but shows in wall time only sometimes (NOTES.md section 12).
+  auto gs = u3.mul_(gv).sum(1);  // [B, C]; u is not read again
   if (branch_scale.has_value()) gs.mul_(branch_scale->unsqueeze(1));
   auto gz = gs * s * (1 - s);
   auto gw2 = at::mm(gz.t(), h);
@@ -101,8 +105,10 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   auto gp = at::mm(ga, w.w1);  // [B, C]: grad at the pooled means
   // grad at the DW output: (gv * s + gp / HW) * gelu'(pre)
   gv.mul_(s_eff.unsqueeze(1)).add_(gp.unsqueeze(1), 1.0 / static_cast<double>(HW));
-  auto gd = at::gelu_backward(gv.view({d.B, d.H, d.W, d.C}), pre_a);
   u.reset();
+  u3.reset();
+  auto gd = gv.view({d.B, d.H, d.W, d.C});
+  at::gelu_backward_out(gd, gd, pre_a);
   at::Tensor gn4, gdw, unused;
   std::tie(gn4, gdw, unused) = at::convolution_backward(
       nchw(gd), nchw(n), dw4, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, d.C,
