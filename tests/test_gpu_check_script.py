@@ -205,3 +205,21 @@ def test_profile_ops_host_table_on_the_cpu(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "[host]" in line]
     assert "self CPU time per step" in lines[0]
     assert any("aten::mm" in line for line in lines[1:]), lines
+
+
+def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
+    import json
+
+    rows = [{"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": b},
+             "stats": {"median": m}, "extra_info": {"peak_memory_MiB": p, "allocated_at_start_MiB": 400.0,
+                                                    "left_behind_MiB": left}}
+            for b, m, p, left in (("auto", 0.1, 6000.0, 0.0), ("reference", 0.16, 16000.0, 12653.2))]
+    path = tmp_path / "bench_model.json"
+    path.write_text(json.dumps({"benchmarks": rows}))
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_report.py"), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1].split()[-1] == "left_MiB"
+    ref_row = next(line for line in lines if " reference " in line)
+    assert ref_row.split()[-1] == "12653.2" and "0.38x" not in ref_row and "1.00x" in ref_row
