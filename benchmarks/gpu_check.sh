@@ -25,8 +25,8 @@
 #   ab         benchmarks/ab_order.py: the MSDA kernels' A/B knobs and the deterministic backward (~65 s)
 #   exit_probe benchmarks/exit_probe.py: how many short processes that ran our ops abort at
 #              interpreter exit, per suspect (NOTES.md section 8; ~100 s)
-#   bench_slow torch.compile of the MSDA reference, torch.compile(mode="max-autotune") of the adapter
-#              and the Triton autotune sweep (minutes of compiling)
+#   bench_slow torch.compile(mode="max-autotune") of the adapter (#4's goal row first), torch.compile
+#              of the MSDA reference and the Triton autotune sweep (minutes of compiling; one JSON each)
 # Each step runs under `timeout`, the whole run capped at GPU_CHECK_BUDGET_S (default 470 s, full 1000), of which
 # the last 15 s are kept for the report; a step that would start with under 15 s left is marked
 # failed, not run. Logs: $OUT/<step>.log. A failed step does not stop the run; the exit status is
@@ -250,9 +250,16 @@ bench() {  # bench NAME PYTEST-ARGS...
 step_bench_msda() { DBSAM_TRITON_AUTOTUNE=0 bench msda benchmarks/test_ms_deform_attn.py -k "not reference_compiled"; }
 step_bench_ca() { bench ca benchmarks/test_channel_attention.py -k "not max_autotune"; }
 step_bench_model() { bench model benchmarks/test_model.py; }
+# pytest-benchmark writes its JSON when the session ends: one step that its timeout cuts keeps
+# nothing. So four sessions, the goal's row first (#4: torch.compile max-autotune of the adapter at
+# 8x64x64x768 bf16 fwd+bwd), each with its own file: a cut loses only the ones not yet finished.
 step_bench_slow() {
-  bench slow benchmarks/test_channel_attention.py benchmarks/test_ms_deform_attn.py benchmarks/test_ms_deform_attn_triton_tune.py \
-    -k "max_autotune or tune or reference_compiled"
+  local rc=0
+  bench slow_ca_goal benchmarks/test_channel_attention.py -k "max_autotune and 8x64x64x768 and bfloat16 and fwd_bwd" || rc=1
+  bench slow_msda benchmarks/test_ms_deform_attn.py -k "reference_compiled" || rc=1
+  bench slow_tune benchmarks/test_ms_deform_attn_triton_tune.py || rc=1
+  bench slow_ca benchmarks/test_channel_attention.py -k "max_autotune and not (8x64x64x768 and bfloat16 and fwd_bwd)" || rc=1
+  return $rc
 }
 
 step_report() {
