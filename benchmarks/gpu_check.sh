@@ -249,7 +249,14 @@ bench() {  # bench NAME PYTEST-ARGS...
 # kernel (minutes); the tuned table is measured by bench_slow's sweep.
 step_bench_msda() { DBSAM_TRITON_AUTOTUNE=0 bench msda benchmarks/test_ms_deform_attn.py -k "not reference_compiled"; }
 step_bench_ca() { bench ca benchmarks/test_channel_attention.py -k "not max_autotune"; }
-step_bench_model() { bench model benchmarks/test_model.py; }
+# #6's goal rows (the bf16 batch-2 training steps, with and without checkpointing) in a session and
+# JSON of their own, first: a model step cut by the budget keeps them (see bench_slow below).
+step_bench_model() {
+  local rc=0
+  bench model_goal benchmarks/test_model.py -k "vit_b_train_step and 2-bf16" || rc=1
+  bench model benchmarks/test_model.py -k "not (vit_b_train_step and 2-bf16)" || rc=1
+  return $rc
+}
 # pytest-benchmark writes its JSON when the session ends: one step that its timeout cuts keeps
 # nothing. So four sessions, the goal's row first (#4: torch.compile max-autotune of the adapter at
 # 8x64x64x768 bf16 fwd+bwd), each with its own file: a cut loses only the ones not yet finished.
