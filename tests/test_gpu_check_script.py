@@ -8,8 +8,7 @@ import sys
 import tarfile
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _paths import REPO, import_from
 
 
 CHECK_GPU_STEPS = ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "bench_model"]
@@ -74,12 +73,7 @@ def test_saved_activations_runs_on_the_cpu():
 
 
 def _goals():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import goals
-    finally:
-        sys.path.pop(0)
-    return goals
+    return import_from("benchmarks", "goals")
 
 
 def _msda_row(mode, shape, dtype, backend, median, pct=None):
@@ -147,11 +141,7 @@ def test_goals_reads_a_committed_gpu_run():
 
 def test_build_key_follows_what_the_build_reads(tmp_path, monkeypatch):
     # gpu_check.sh reuses a module on a second call only while this key is unchanged.
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        from build_key import build_key
-    finally:
-        sys.path.pop(0)
+    build_key = import_from("benchmarks", "build_key").build_key
     repo = tmp_path / "repo"
     (repo / "csrc" / "op").mkdir(parents=True)
     (repo / "setup.py").write_text("setup()\n")
@@ -189,11 +179,9 @@ def test_profile_ops_host_table_on_the_cpu(capsys):
     # The host-time table runs on any device (the GPU run reads it for the adapter and MSDA at B = 1).
     # profile_ops imports the benchmarks' conftest, a name the tests' own conftest holds here.
     tests_conftest = sys.modules.pop("conftest", None)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        import profile_ops
+        profile_ops = import_from("benchmarks", "profile_ops")
     finally:
-        sys.path.pop(0)
         sys.modules.pop("conftest", None)
         if tests_conftest is not None:
             sys.modules["conftest"] = tests_conftest

@@ -1,15 +1,10 @@
 """benchmarks/lowp_error_model.py predicts the accuracy cost of bf16 grad_value atomics on the CPU;
 its emulation of a rounding at every add must really round at every add (ATen's CPU index_add_
 accumulates bf16 in float, which first hid the effect)."""
-import os
-import sys
-
 import torch
+from _paths import import_from
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import lowp_error_model as model  # noqa: E402
-
-sys.path.pop(0)
+model = import_from("benchmarks", "lowp_error_model")
 
 
 def test_every_add_rounds():

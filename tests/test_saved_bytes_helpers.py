@@ -5,21 +5,10 @@ backward (sigmoid's, softmax's, our ops' statistics) hold its own grad_fn: a cyc
 no garbage collection frees. H100 run 5's model benchmark lost each measured forward that way
 (benchmarks/NOTES.md section 12)."""
 import gc
-import os
-import sys
 import weakref
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import(folder, name):
-    sys.path.insert(0, os.path.join(REPO, *folder))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+from _paths import import_from
 
 
 def _outputs_freed(count):
@@ -37,14 +26,14 @@ def _outputs_freed(count):
 
 
 def test_benchmark_saved_bytes_counts_and_frees():
-    saved_bytes = _import(("benchmarks",), "saved_activations").saved_bytes
+    saved_bytes = import_from("benchmarks", "saved_activations").saved_bytes
     nbytes, freed = _outputs_freed(lambda run, x: saved_bytes(run, exclude=[x])[0])
     assert nbytes == 64 * 64 * 8  # sigmoid's output (x * 2 saves nothing; x is excluded)
     assert freed, "saved_bytes kept the forward's saved output alive"
 
 
 def test_test_helper_saved_activation_bytes_frees():
-    helper = _import(("tests", "ops"), "_ca_common").saved_activation_bytes
+    helper = import_from("tests/ops", "_ca_common").saved_activation_bytes
     nbytes, freed = _outputs_freed(lambda run, x: helper(run, x, []))
     assert nbytes > 0
     assert freed, "saved_activation_bytes kept the forward's saved output alive"
@@ -61,7 +50,7 @@ def test_model_saved_bytes_leaves_nothing_behind():
     pytest.importorskip("segment_anything", reason="the model needs segment-anything (the `model` extra)")
     from dbsam.model import build_dbsam
 
-    model_saved_bytes = _import(("benchmarks",), "saved_activations").model_saved_bytes
+    model_saved_bytes = import_from("benchmarks", "saved_activations").model_saved_bytes
     torch.manual_seed(0)
     model = build_dbsam("tiny")
     S = model.config.img_size

@@ -1,5 +1,6 @@
 """Shared inputs and error measures for the channel_attention tests."""
 import torch
+from _paths import import_from
 
 SHAPES = [  # (B, H, W, C, R)
     (1, 7, 5, 24, 6),
@@ -25,16 +26,6 @@ def rel_err(a, b):
 
 
 def saved_activation_bytes(fn, x, ws):
-    """Bytes of the distinct storages autograd keeps for backward, apart from x and the weights."""
-    skip = {t.untyped_storage().data_ptr() for t in (x, *ws)}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t.detach()  # `t` itself would leak saved outputs (benchmarks/saved_activations.py says how)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    """Bytes of the distinct storages autograd keeps for backward, apart from x and the weights: the
+    benchmarks' counter (benchmarks/saved_activations.py), which the adapter benchmark reports."""
+    return import_from("benchmarks", "saved_activations").saved_bytes(fn, exclude=(x, *ws))[0]
