@@ -88,8 +88,8 @@ def channel_attention_cases():
 
     def case(impl, shape, dtype):
         # cuda_vec1 / cuda_fusedgrad: the CUDA op with one channel per thread (the default is 8 bytes
-        # per thread) / the grad at the DW output formed in the transposed-DW kernel; their knobs (CUDA_VARIANTS) are read at every
-        # call, so they are set around the whole profile.
+        # per thread) / the grad at the DW output formed in the transposed-DW kernel; their knobs
+        # (CUDA_VARIANTS) are read at every call, so they are set around the whole profile.
         for knob in knobs:
             os.environ.pop(knob, None)
         os.environ.update(CUDA_VARIANTS.get(impl, {}))

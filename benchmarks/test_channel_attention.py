@@ -5,8 +5,8 @@
 GPU: (B, 64, 64, C) for B in 1, 8 and C in 768 (ViT-B) and 1024 (ViT-L), bf16 and fp32, forward and
 forward+backward, for every available dbsam backend (and, at B = 8, the CUDA op's variants: 1, 2 and
 4 channels per thread, `cuda_vec1`, `cuda_vec2`, `cuda_vec4`, DBSAM_CA_VEC, where the default is 8
-bytes per thread; the fused grad, `cuda_fusedgrad`, DBSAM_CA_FUSED_GRAD), against eager PyTorch written NCHW as the
-original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager channels-last (the reference
+bytes per thread; the fused grad, `cuda_fusedgrad`, DBSAM_CA_FUSED_GRAD), against eager PyTorch
+written NCHW as the original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager channels-last (the reference
 composition), and torch.compile(mode="max-autotune") of the eager composition (compiles once per
 shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file
 runs in about a minute, most of it torch.compile.

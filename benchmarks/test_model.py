@@ -145,7 +145,8 @@ def vit_b():
 
 
 def _live_cuda_tensors():
-    """(count, MiB) of the CUDA tensors Python can reach, largest first by owner type: what a leak holds."""
+    """[(kind, (count, MiB))] of the CUDA tensors Python can reach, grouped by type and autograd state,
+    the most MiB first: what a leak holds."""
     owners = {}
     for obj in gc.get_objects():
         try:

@@ -72,8 +72,9 @@ dim3 tile_grid(const Dims& d, int vec) {
 // Channels per thread of the [B,H,W,C] kernels (kernels.cuh): by default 8 bytes per thread (bf16 and
 // fp16: 4 channels, fp32: 2). On the H100 (2026-11-27, results/h100_2026-11-27_dfbc80c) both widths
 // were as fast as one channel per thread or faster at every 8x64x64xC case (up to 1.28x); 4 and 2
-// channels were within each other's spread, and the 8-byte rule takes the better of the two at the model's width (C = 768) in
-// bf16 fwd+bwd (1554 against 1843 us) and fp32 fwd+bwd (3864 against 4046 us). DBSAM_CA_VEC=1|2|4
+// channels were within each other's spread, and the 8-byte rule takes the better of the two at the
+// model's width (C = 768) in bf16 fwd+bwd (1554 against 1843 us) and fp32 fwd+bwd (3864 against
+// 4046 us). DBSAM_CA_VEC=1|2|4
 // forces one (read at every call, so the benchmark's A/B rows and the tests switch it within one
 // process). A VEC that does not divide C, or that a buffer's alignment does not allow (a view with
 // an odd offset), falls back to the widest that does; double always runs 1 (its correctness path,
