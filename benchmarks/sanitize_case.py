@@ -6,12 +6,14 @@ Covers the vector path (D % 8 == 0) and the general path (odd D), fp32 / bf16 / 
 atomic backward and the deterministic (sort + gather) backward, locations partly and fully off
 the map and a level smaller than a 2x2 cell; then the Triton MSDA kernels on the same inputs (their
 corner masks guard loads whose rows may lie off the map), and the channel_attention CUDA and Triton
-kernels at an odd shape. Exits 0 when it ran (the sanitizer reports errors). `--cuda-only` leaves the Triton kernels out
-(racecheck: their shared memory is the compiler's, and racecheck over their JIT compile and launches
-ran past 90 s on the H100, 2026-11-27).
+kernels at an odd shape (the CUDA ones at 1, 2 and 4 rows per thread, DBSAM_CA_ROWS). Exits 0 when
+it ran (the sanitizer reports errors). `--cuda-only` leaves the Triton kernels out (racecheck: their
+shared memory is the compiler's, and racecheck over their JIT compile and launches ran past 90 s on
+the H100, 2026-11-27).
 Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own allocation and an
 out-of-bounds access is caught even where the caching allocator would have hidden it.
 """
+import os
 import sys
 
 import torch
@@ -78,15 +80,22 @@ def other_backends(dev, spatial, starts, S, L, g, cuda_only=False):
         if reason:
             print(f"skip {backend} channel_attention: {reason}")
             continue
-        for dt in (torch.float32, torch.bfloat16):
-            mod = ChannelAttention(24).to(dev, dt)
-            x = torch.randn(2, 7, 5, 24, generator=g).to(dev, dt).requires_grad_()
-            with use_backend(backend):
-                y = mod(x)
-                grads = torch.autograd.grad(y, (x, *mod.parameters()), torch.randn_like(y))
-            torch.cuda.synchronize()
-            assert all(torch.isfinite(t.double()).all() for t in (y, *grads))
-            print(f"ok {backend} channel_attention dtype={dt}")
+        # The CUDA op's DW kernels at 1, 2 and 4 output rows per thread (DBSAM_CA_ROWS, read per call):
+        # H = 7 leaves a partial last tile of rows at 2 and 4.
+        for rows in ("", "2", "4") if backend == "cuda" else ("",):
+            os.environ.pop("DBSAM_CA_ROWS", None)
+            if rows:
+                os.environ["DBSAM_CA_ROWS"] = rows
+            for dt in (torch.float32, torch.bfloat16):
+                mod = ChannelAttention(24).to(dev, dt)
+                x = torch.randn(2, 7, 5, 24, generator=g).to(dev, dt).requires_grad_()
+                with use_backend(backend):
+                    y = mod(x)
+                    grads = torch.autograd.grad(y, (x, *mod.parameters()), torch.randn_like(y))
+                torch.cuda.synchronize()
+                assert all(torch.isfinite(t.double()).all() for t in (y, *grads))
+                print(f"ok {backend} channel_attention dtype={dt} rows={rows or 'default'}")
+            os.environ.pop("DBSAM_CA_ROWS", None)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 // Forward (x read twice, u and pre written once, then one GEMM):
 //   pack_weights  the six small weights converted to op-math in one buffer (one launch).
 //   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double).
-//   dw_gelu       one block per (32 * VEC channels, image row, image); the LN is applied on the fly
-//                 to a 3x3 window walked along the row (3 LN evaluations per output), DW3x3 + GELU, u
-//                 and the pre-activation pre written in x's dtype (pre is saved for the backward) and
-//                 the row's channel sums reduced in shared memory into rowsum[B, H, C]
-//                 (deterministic: no atomics).
+//   dw_gelu       one block per (32 * VEC channels, RT image rows, image); the LN is applied on the fly
+//                 to a 3 x (RT + 2) window walked along the rows ((RT + 2) / RT LN evaluations per
+//                 output), DW3x3 + GELU, u and the pre-activation pre written in x's dtype (pre is
+//                 saved for the backward) and the tile's channel sums reduced in shared memory into
+//                 rowsum[B, ceil(H / RT), C] (deterministic: no atomics). RT = 1 unless DBSAM_CA_ROWS.
 //   the SE MLP    sum_rows (pooled means), then two small_mm launches, one warp per output, with the
 //                 GELU and the gate (sigmoid times the drop-path factor) fused as epilogues.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
@@ -64,8 +64,11 @@ void check_cuda_dims(const Dims& d, const at::Tensor& x) {
                     "channel_attention: CUDA kernels support H, B <= 65535, got ", x.sizes());
 }
 
-dim3 tile_grid(const Dims& d, int vec) {
-  return dim3(static_cast<unsigned>((d.C + TX * vec - 1) / (TX * vec)), static_cast<unsigned>(d.H),
+// Row tiles of the DW kernels: ceil(H / rows).
+int64_t row_tiles(const Dims& d, int rows) { return (d.H + rows - 1) / rows; }
+
+dim3 tile_grid(const Dims& d, int vec, int rows = 1) {
+  return dim3(static_cast<unsigned>((d.C + TX * vec - 1) / (TX * vec)), static_cast<unsigned>(row_tiles(d, rows)),
               static_cast<unsigned>(d.B));
 }
 
@@ -106,6 +109,20 @@ bool fused_grad() {
   return e != nullptr && e[0] == '1' && e[1] == '\0';
 }
 
+// Output rows per thread of the two DW kernels (dw_gelu, dw_backward; kernels.cuh, RT): 1 by default,
+// the column walk measured on the H100; DBSAM_CA_ROWS=2|4 walks 2 or 4 rows at once, so that each new
+// window column costs (RT + 2) / RT loads and LN evaluations per output instead of 3. Written
+// 2026-11-27 without a GPU (CPU-checked under the emulation) from run 5's profile: dw_gelu and
+// dw_backward were 3-5x over their bytes' floor. Off until a GPU A/B says which is faster (the
+// benchmark's cuda_rows2/cuda_rows4 rows). Read at every call; double and the fused-grad variant
+// always run 1 (fewer instantiations: neither is a speed path).
+int pick_rows(size_t elem, bool fused) {
+  if (elem >= 8 || fused) return 1;
+  const char* e = std::getenv("DBSAM_CA_ROWS");
+  if (e == nullptr || e[0] == '\0' || e[1] != '\0') return 1;
+  return e[0] == '2' ? 2 : e[0] == '4' ? 4 : 1;
+}
+
 // f(std::integral_constant<int, VEC>) for the VEC picked at run time (1 only for double).
 template <typename scalar_t, typename F>
 void with_vec(int vec, F&& f) {
@@ -114,6 +131,20 @@ void with_vec(int vec, F&& f) {
   } else if (vec == 4) {
     f(std::integral_constant<int, 4>{});
   } else if (vec == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// f(std::integral_constant<int, RT>) for the rows per thread picked at run time (pick_rows).
+template <typename scalar_t, typename F>
+void with_rows(int rows, F&& f) {
+  if constexpr (sizeof(scalar_t) >= 8) {
+    f(std::integral_constant<int, 1>{});
+  } else if (rows == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (rows == 2) {
     f(std::integral_constant<int, 2>{});
   } else {
     f(std::integral_constant<int, 1>{});
@@ -206,10 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   if (P == 0) return {at::empty_like(xc), mean, rstd, pooled, pre};  // an empty batch
   auto u = at::empty_like(xc);
   auto wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
-  // One op-math buffer: the packed weights, then the row sums [B, H, C], the SE hidden units [B, R]
-  // and the gate [B, C].
+  // One op-math buffer: the packed weights, then the row-tile sums [B, ceil(H / rows), C], the SE
+  // hidden units [B, R] and the gate [B, C].
   const WeightLayout L{d.C, d.R, false};
-  auto buf = at::empty({L.total() + d.B * (d.H * d.C + d.R + d.C)}, aopts);
+  const int rows = pick_rows(xc.element_size(), false);
+  const int64_t Ht = row_tiles(d, rows);
+  auto buf = at::empty({L.total() + d.B * (Ht * d.C + d.R + d.C)}, aopts);
   const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
@@ -217,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* wbuf = buf.data_ptr<acc_t>();
     acc_t* rowsum = wbuf + L.total();
-    acc_t* hidden = rowsum + d.B * d.H * d.C;
+    acc_t* hidden = rowsum + d.B * Ht * d.C;
     acc_t* gate = hidden + d.B * d.R;
     const acc_t* scale = in.scale_ptr<acc_t>();
     launch_pack<scalar_t, acc_t>(in.ptrs, L, wbuf, stream);
@@ -227,16 +260,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
           xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
           static_cast<int>(d.C), static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dw_gelu_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(),
-          wbuf + L.wt(), u.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), rowsum, static_cast<int>(d.H),
-          static_cast<int>(d.W), static_cast<int>(d.C));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_rows<scalar_t>(rows, [&](auto RTc) {
+        constexpr int RT = decltype(RTc)::value;
+        dw_gelu_kernel<scalar_t, acc_t, VEC, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
+            xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(),
+            wbuf + L.wt(), u.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), rowsum, static_cast<int>(d.H),
+            static_cast<int>(d.W), static_cast<int>(d.C));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
     // The SE MLP: pooled means, h = GELU(W1 pooled), gate = sigmoid(W2 h) * branch_scale[b]; then the
     // gate folded into the 1x1 weight per image.
     const int C = static_cast<int>(d.C), R = static_cast<int>(d.R);
-    launch_sum_rows(rowsum, d.B, d.H, d.C, PoolEpi<acc_t>{pooled.data_ptr<acc_t>(), acc_t(1) / acc_t(HW), C},
+    launch_sum_rows(rowsum, d.B, Ht, d.C, PoolEpi<acc_t>{pooled.data_ptr<acc_t>(), acc_t(1) / acc_t(HW), C},
                     stream);
     launch_small_mm(pooled.data_ptr<acc_t>(), wbuf + L.w1(), d.B, d.R, d.C, HiddenEpi<acc_t>{nullptr, hidden, R},
                     stream);
@@ -292,6 +328,9 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto wp_st = pw_weight.reshape({d.C, d.C});
   if (wp_st.scalar_type() != st) wp_st = wp_st.to(st);  // float32 master weights under AMP
   const bool fused = fused_grad();
+  // dw_backward's rows per thread: at most 8 / VEC (ptxas sm_90: VEC = 4 with 4 rows spills ~150 bytes
+  // at 255 registers; every other pair fits), so the partials' tiles follow the VEC it runs at.
+  int rows_bwd = pick_rows(xc.element_size(), fused);
   at::Tensor gpw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -319,7 +358,9 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     gpw = at::mm(gy2.t(), v.view({P, d.C}));
     v.reset();
     auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
-    auto partials = at::empty({d.B * d.H, 11, d.C}, aopts);
+    rows_bwd = std::min(rows_bwd, 8 / vec_gv);
+    const int64_t Ht = row_tiles(d, rows_bwd);
+    auto partials = at::empty({d.B * Ht, 11, d.C}, aopts);  // per row tile of dw_backward
     at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
     if (!fused) gd = at::empty({d.B, d.H, d.W, d.C}, aopts);
     // The SE backward: gz at the gate's logit, ga at the hidden pre-activation, gp at the pooled means,
@@ -346,11 +387,19 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
         grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
             gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dw_backward_kernel<scalar_t, acc_t, VEC, false><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
-            mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
-            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // rows_bwd (VEC * RT <= 8) tiles the rows here; at VEC = 4 the kernel spills from RT = 4 on.
+        with_rows<scalar_t>(rows_bwd, [&](auto RTc) {
+          constexpr int RT = decltype(RTc)::value;
+          if constexpr (VEC * RT <= 8) {
+            dw_backward_kernel<scalar_t, acc_t, VEC, false, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
+                gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
+                mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
+                gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          } else {
+            TORCH_INTERNAL_ASSERT(false, "channel_attention: dw_backward has no VEC = ", VEC, ", RT = ", RT);
+          }
+        });
       }
     });
     with_vec<scalar_t>(vec, [&](auto V) {
@@ -361,7 +410,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // grad_dw and the LN affine's grads from dw_backward's per-row partials, in their weights' dtypes.
-    launch_sum_rows(static_cast<const acc_t*>(partials.data_ptr<acc_t>()), 1, d.B * d.H, 11 * d.C,
+    launch_sum_rows(static_cast<const acc_t*>(partials.data_ptr<acc_t>()), 1, d.B * Ht, 11 * d.C,
                     PartialsEpi<scalar_t, acc_t>{g_dw.data_ptr(), g_lnw.data_ptr(), g_lnb.data_ptr(),
                                                  in.is_float(kDw), in.is_float(kLnWeight),
                                                  in.is_float(kLnBias), C},

@@ -84,38 +84,48 @@ __device__ __forceinline__ void block_sum_rows(const acc_t (&vals)[Q][VEC], acc_
   }
 }
 
-// The LN values of column jj, rows i-1, i, i+1, of VEC channels from c; 0 off the map (DW's zero
-// padding applies to the LN output). gc, bc: the LN affine of those channels.
-template <typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void ln_column(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                          const acc_t* __restrict__ rstd, int64_t b, int i, int jj, int H,
-                                          int W, int C, int c, const acc_t (&gc)[VEC], const acc_t (&bc)[VEC],
-                                          acc_t (&col)[3][VEC]) {
+// The LN values of column jj, rows i_first .. i_first + NR - 1, of VEC channels from c; 0 off the map
+// (DW's zero padding applies to the LN output). gc, bc: the LN affine of those channels. Where xh is
+// given, the normalised x of the NR - 2 interior rows too (the backward's LN-affine grads read it; 0
+// off the map).
+template <typename scalar_t, typename acc_t, int VEC, int NR>
+__device__ __forceinline__ void ln_rows(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                                        const acc_t* __restrict__ rstd, int64_t b, int i_first, int jj, int H,
+                                        int W, int C, int c, const acc_t (&gc)[VEC], const acc_t (&bc)[VEC],
+                                        acc_t (&col)[NR][VEC], acc_t (*xh)[VEC] = nullptr) {
 #pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const int ii = i + r - 1;
+  for (int r = 0; r < NR; ++r) {
+    const int ii = i_first + r;
+    const bool interior = xh != nullptr && r > 0 && r < NR - 1;
     if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
       const int64_t p = (b * H + ii) * W + jj;
       const acc_t mu = mean[p], rs = rstd[p];
       acc_t xv[VEC];
       load_vec<VEC>(x + p * C + c, xv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) col[r][k] = (xv[k] - mu) * rs * gc[k] + bc[k];
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t n = (xv[k] - mu) * rs;
+        col[r][k] = n * gc[k] + bc[k];
+        if (interior) xh[r - 1][k] = n;
+      }
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) col[r][k] = acc_t(0);
+      for (int k = 0; k < VEC; ++k) {
+        col[r][k] = acc_t(0);
+        if (interior) xh[r - 1][k] = acc_t(0);
+      }
     }
   }
 }
 
-// The grad at the DW output (before GELU), as grad_pre_kernel wrote it, of column jj, rows i-1, i,
-// i+1, of VEC channels from c; 0 off the map.
-template <typename acc_t, int VEC>
-__device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t b, int i, int jj, int H, int W,
-                                          int C, int c, acc_t (&col)[3][VEC]) {
+// The grad at the DW output (before GELU), as grad_pre_kernel wrote it, of column jj, rows i_first ..
+// i_first + NR - 1, of VEC channels from c; 0 off the map.
+template <typename acc_t, int VEC, int NR>
+__device__ __forceinline__ void gd_rows(const acc_t* __restrict__ gd, int64_t b, int i_first, int jj, int H, int W,
+                                        int C, int c, acc_t (&col)[NR][VEC]) {
 #pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const int ii = i + r - 1;
+  for (int r = 0; r < NR; ++r) {
+    const int ii = i_first + r;
     if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
       load_vec<VEC>(gd + ((b * H + ii) * W + jj) * C + c, col[r]);
     } else {
@@ -125,16 +135,16 @@ __device__ __forceinline__ void gd_column(const acc_t* __restrict__ gd, int64_t 
   }
 }
 
-// The grad at the DW output (before GELU) of column jj, rows i-1, i, i+1, of VEC channels from c,
-// computed where it is read (the fused variant): (gv * s + gp / HW) * GELU'(pre), with sb = s[b, c..],
-// gpb = gp[b, c..] / HW. 0 off the map.
-template <typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void grad_pre_column(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
-                                                const acc_t (&sb)[VEC], const acc_t (&gpb)[VEC], int64_t b, int i,
-                                                int jj, int H, int W, int C, int c, acc_t (&col)[3][VEC]) {
+// The grad at the DW output (before GELU) of column jj, rows i_first .. i_first + NR - 1, of VEC
+// channels from c, computed where it is read (the fused variant): (gv * s + gp / HW) * GELU'(pre),
+// with sb = s[b, c..], gpb = gp[b, c..] / HW. 0 off the map.
+template <typename scalar_t, typename acc_t, int VEC, int NR>
+__device__ __forceinline__ void grad_pre_rows(const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
+                                              const acc_t (&sb)[VEC], const acc_t (&gpb)[VEC], int64_t b, int i_first,
+                                              int jj, int H, int W, int C, int c, acc_t (&col)[NR][VEC]) {
 #pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const int ii = i + r - 1;
+  for (int r = 0; r < NR; ++r) {
+    const int ii = i_first + r;
     if (ii >= 0 && ii < H && jj >= 0 && jj < W) {
       const int64_t o = ((b * H + ii) * W + jj) * C + c;
       acc_t gvv[VEC], pv[VEC];
@@ -163,10 +173,11 @@ __device__ __forceinline__ void channel_params(const acc_t* __restrict__ wt, con
   }
 }
 
-template <typename acc_t, int VEC>
-__device__ __forceinline__ void shift_window(acc_t (&win)[3][3][VEC]) {
+// win[column][row][channel] moves one column left: [0] <- [1] <- [2].
+template <typename acc_t, int NR, int VEC>
+__device__ __forceinline__ void shift_window(acc_t (&win)[3][NR][VEC]) {
 #pragma unroll
-  for (int r = 0; r < 3; ++r) {
+  for (int r = 0; r < NR; ++r) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       win[0][r][k] = win[1][r][k];
@@ -175,21 +186,28 @@ __device__ __forceinline__ void shift_window(acc_t (&win)[3][3][VEC]) {
   }
 }
 
+// RT, rows per thread (1, 2 or 4; DBSAM_CA_ROWS, cuda.cu pick_rows): a thread computes RT adjacent
+// output rows of its column run, so each new window column is RT + 2 rows of loads and LN evaluations
+// for RT outputs: 3 per output at RT = 1, 2 at RT = 2, 1.5 at RT = 4 (x, mean and rstd alike), at the
+// price of (RT + 2) * 3 * VEC window registers and RT times fewer blocks. The row sums (forward) and
+// the weight-grad partials (backward) are then per tile of RT rows: [B, ceil(H / RT), ...].
+
 // Forward: u = GELU(DW3x3(LN(x))) and pre = DW3x3(LN(x)) (saved for the backward), both in x's dtype,
-// and the row's channel sums of u. Each thread walks a run of `chunk` adjacent columns with a 3x3
-// window of LN values in registers, computing one new column per output (3 LN evaluations and x loads
-// instead of 9). On the H100
-// (2026-11-27) the version that evaluated all 9 taps per output ran at 65% SM throughput with
-// L1TEX stalls at 57% of issue time, 297 us per call at 8x64x64x768 bf16; the column walk, 214 us.
-// grid (ceil(C / (TX * VEC)), H, B), block (TX, TY).
-template <typename scalar_t, typename acc_t, int VEC>
+// and each tile's channel sums of u. Each thread walks a run of `chunk` adjacent columns with a 3 x
+// (RT + 2) window of LN values in registers, computing one new column per step (RT + 2 LN evaluations
+// and x loads for RT outputs instead of 9 each). On the H100 (2026-11-27) the version that evaluated
+// all 9 taps per output ran at 65% SM throughput with L1TEX stalls at 57% of issue time, 297 us per
+// call at 8x64x64x768 bf16; the column walk (RT = 1), 214 us.
+// grid (ceil(C / (TX * VEC)), ceil(H / RT), B), block (TX, TY); rowsum [B, ceil(H / RT), C].
+template <typename scalar_t, typename acc_t, int VEC, int RT = 1>
 __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
                                const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
                                const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
                                scalar_t* __restrict__ u_out, scalar_t* __restrict__ pre_out,
                                acc_t* __restrict__ rowsum, int H, int W, int C) {
+  constexpr int NR = RT + 2;
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
-  const int i = blockIdx.y;
+  const int i0 = blockIdx.y * RT;
   const int64_t b = blockIdx.z;
   const int chunk = (W + TY - 1) / TY;
   const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
@@ -197,31 +215,35 @@ __global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   if (c < C && j0 < j1) {
     acc_t w[9][VEC], gc[VEC], bc[VEC];
     channel_params(wt, g, bta, C, c, w, gc, bc);
-    acc_t win[3][3][VEC];  // [column j-1, j, j+1][row i-1, i, i+1][channel]
-    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, win[0]);
-    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, win[1]);
+    acc_t win[3][NR][VEC];  // [column j-1, j, j+1][row i0-1 .. i0+RT][channel]
+    ln_rows(x, mean, rstd, b, i0 - 1, j0 - 1, H, W, C, c, gc, bc, win[0]);
+    ln_rows(x, mean, rstd, b, i0 - 1, j0, H, W, C, c, gc, bc, win[1]);
     for (int j = j0; j < j1; ++j) {
-      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, win[2]);
-      acc_t pre[VEC], uv[VEC];
+      ln_rows(x, mean, rstd, b, i0 - 1, j + 1, H, W, C, c, gc, bc, win[2]);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        acc_t acc = 0;
+      for (int r = 0; r < RT; ++r) {
+        if (RT > 1 && i0 + r >= H) break;  // the last tile's rows past the map
+        acc_t pre[VEC], uv[VEC];
 #pragma unroll
-        for (int ky = 0; ky < 3; ++ky) {
+        for (int k = 0; k < VEC; ++k) {
+          acc_t acc = 0;
 #pragma unroll
-          for (int kx = 0; kx < 3; ++kx) acc += win[kx][ky][k] * w[ky * 3 + kx][k];
+          for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx) acc += win[kx][r + ky][k] * w[ky * 3 + kx][k];
+          }
+          pre[k] = acc;
+          uv[k] = gelu(acc);
+          part[0][k] += uv[k];
         }
-        pre[k] = acc;
-        uv[k] = gelu(acc);
-        part[0][k] += uv[k];
+        const int64_t o = ((b * H + i0 + r) * W + j) * C + c;
+        store_vec<VEC>(u_out + o, uv);
+        if (pre_out != nullptr) store_vec<VEC>(pre_out + o, pre);
       }
-      const int64_t o = ((b * H + i) * W + j) * C + c;
-      store_vec<VEC>(u_out + o, uv);
-      if (pre_out != nullptr) store_vec<VEC>(pre_out + o, pre);
       shift_window(win);
     }
   }
-  if (rowsum != nullptr) block_sum_rows<acc_t, 1, VEC>(part, rowsum + (b * H + i) * C, C);
+  if (rowsum != nullptr) block_sum_rows<acc_t, 1, VEC>(part, rowsum + (b * gridDim.y + blockIdx.y) * C, C);
 }
 
 // One pass over the saved pre-activation and gv (the grad at the gated activations), per image row:
@@ -284,26 +306,28 @@ __global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t*
   }
 }
 
-// Transposed DW (gn = grad at the LN output) + per-block partials [B*H, 11, C] of grad_dw (9 taps),
-// grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), H, B), block (TX, TY). The grad at the
+// Transposed DW (gn = grad at the LN output) + per-block partials [B * ceil(H / RT), 11, C] of grad_dw
+// (9 taps), grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), ceil(H / RT), B), block (TX,
+// TY); RT rows per thread as in dw_gelu_kernel. The grad at the
 // DW output comes either from gd, the map grad_pre_kernel wrote (FUSED = false, the default), or is
 // formed where the window loads it from gv (the grad at the gated activations), the saved pre, the
 // gate s [B, C] and gp [B, C] (FUSED = true, DBSAM_CA_FUSED_GRAD=1). Fusing saves grad_pre's pass
 // and the fp32 map, but every gd value enters three rows' windows, so GELU' is evaluated three times
 // per pixel: ptxas sm_90 (bf16) puts the fused loop at 394 instructions per output against 112 for
 // this kernel plus 122 for grad_pre's per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which
-// is faster depends on how far the kernels are from issue-bound: the GPU A/B decides.
-// Two blocks per SM up to VEC = 2 (the fused variant wanted 143 registers at VEC = 2, which leaves
-// one 256-thread block per SM: 8 warps to hide the window loads); VEC = 4 keeps its ~216.
-template <typename scalar_t, typename acc_t, int VEC, bool FUSED>
-__global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(
+// is faster depends on how far the kernels are from issue-bound: the GPU A/B decides (it lost).
+// Two blocks per SM up to VEC * RT = 2 (the fused variant wanted 143 registers at VEC = 2, which
+// leaves one 256-thread block per SM: 8 warps to hide the window loads); wider ones take up to 255.
+template <typename scalar_t, typename acc_t, int VEC, bool FUSED, int RT = 1>
+__global__ void __launch_bounds__(TX * TY, VEC * RT >= 4 ? 1 : 2) dw_backward_kernel(
     const acc_t* __restrict__ gd, const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
     const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw, const scalar_t* __restrict__ x,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
     const acc_t* __restrict__ bta, const acc_t* __restrict__ wt, acc_t* __restrict__ gn_out,
     acc_t* __restrict__ partials, int H, int W, int C) {
+  constexpr int NR = RT + 2;
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
-  const int i = blockIdx.y;
+  const int i0 = blockIdx.y * RT;
   const int64_t b = blockIdx.z;
   const int chunk = (W + TY - 1) / TY;
   const int j0 = threadIdx.y * chunk, j1 = min(W, j0 + chunk);
@@ -318,53 +342,59 @@ __global__ void __launch_bounds__(TX * TY, VEC >= 4 ? 1 : 2) dw_backward_kernel(
         gpb[k] = gp[b * C + c + k] * inv_hw;
       }
     }
-    auto grad_column = [&](int jj, acc_t(&col)[3][VEC]) {
+    auto grad_column = [&](int jj, acc_t(&col)[NR][VEC]) {
       if constexpr (FUSED) {
-        grad_pre_column(gv, pre, sb, gpb, b, i, jj, H, W, C, c, col);
+        grad_pre_rows(gv, pre, sb, gpb, b, i0 - 1, jj, H, W, C, c, col);
       } else {
-        gd_column(gd, b, i, jj, H, W, C, c, col);
+        gd_rows(gd, b, i0 - 1, jj, H, W, C, c, col);
       }
     };
     // The same column walk as dw_gelu_kernel, with two windows: the grad at the DW output (gd) and
-    // the LN values, [column j-1, j, j+1][row i-1, i, i+1][channel]. Before the walk: 721 us per call
-    // at 8x64x64x768 bf16 on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel; after, 343.
-    acc_t gwin[3][3][VEC], lwin[3][3][VEC];
+    // the LN values, [column j-1, j, j+1][row i0-1 .. i0+RT][channel], and the normalised x of the
+    // centre and next columns' output rows (xh). Before the walk: 721 us per call at 8x64x64x768 bf16
+    // on the H100 (2026-11-27), 9 gd loads and 9 LN evaluations per pixel; after (RT = 1), 343.
+    acc_t gwin[3][NR][VEC], lwin[3][NR][VEC], xh[2][RT][VEC];
     grad_column(j0 - 1, gwin[0]);
     grad_column(j0, gwin[1]);
-    ln_column(x, mean, rstd, b, i, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
-    ln_column(x, mean, rstd, b, i, j0, H, W, C, c, gc, bc, lwin[1]);
+    ln_rows(x, mean, rstd, b, i0 - 1, j0 - 1, H, W, C, c, gc, bc, lwin[0]);
+    ln_rows(x, mean, rstd, b, i0 - 1, j0, H, W, C, c, gc, bc, lwin[1], xh[0]);
     for (int j = j0; j < j1; ++j) {
       grad_column(j + 1, gwin[2]);
-      ln_column(x, mean, rstd, b, i, j + 1, H, W, C, c, gc, bc, lwin[2]);
-      const int64_t p = (b * H + i) * W + j;
-      const acc_t mu = mean[p], rs = rstd[p];
-      acc_t xv[VEC], gn[VEC];
-      load_vec<VEC>(x + p * C + c, xv);
+      ln_rows(x, mean, rstd, b, i0 - 1, j + 1, H, W, C, c, gc, bc, lwin[2], xh[1]);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t gdo = gwin[1][1][k];
-        acc_t s = 0;
+      for (int r = 0; r < RT; ++r) {
+        if (RT > 1 && i0 + r >= H) break;  // the last tile's rows past the map
+        acc_t gn[VEC];
 #pragma unroll
-        for (int ky = 0; ky < 3; ++ky) {
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t gdo = gwin[1][r + 1][k];
+          acc_t s = 0;
 #pragma unroll
-          for (int kx = 0; kx < 3; ++kx) {
-            // output (i - ky + 1, j - kx + 1) read this pixel through tap (ky, kx)
-            s += gwin[2 - kx][2 - ky][k] * w[ky * 3 + kx][k];
-            // this output read (i + ky - 1, j + kx - 1) through tap (ky, kx)
-            part[ky * 3 + kx][k] += gdo * lwin[kx][ky][k];
+          for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx) {
+              // output (i - ky + 1, j - kx + 1) read this pixel through tap (ky, kx)
+              s += gwin[2 - kx][r + 2 - ky][k] * w[ky * 3 + kx][k];
+              // this output read (i + ky - 1, j + kx - 1) through tap (ky, kx)
+              part[ky * 3 + kx][k] += gdo * lwin[kx][r + ky][k];
+            }
           }
+          part[9][k] += s * xh[0][r][k];
+          part[10][k] += s;
+          gn[k] = s;
         }
-        const acc_t xh = (xv[k] - mu) * rs;
-        part[9][k] += s * xh;
-        part[10][k] += s;
-        gn[k] = s;
+        store_vec<VEC>(gn_out + ((b * H + i0 + r) * W + j) * C + c, gn);
       }
-      store_vec<VEC>(gn_out + p * C + c, gn);
       shift_window(gwin);
       shift_window(lwin);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xh[0][r][k] = xh[1][r][k];
+      }
     }
   }
-  block_sum_rows<acc_t, 11, VEC>(part, partials + (b * H + i) * 11 * C, C);
+  block_sum_rows<acc_t, 11, VEC>(part, partials + (b * gridDim.y + blockIdx.y) * 11 * C, C);
 }
 
 // One warp per pixel, VEC channels per lane and load: gx = gy + rstd * (gn*g - mean(gn*g) - xhat *

@@ -23,6 +23,14 @@ static double gelu_grad_d(double v) {
   return 0.5 * (1 + std::erf(v / std::sqrt(2.0))) + v * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI);
 }
 
+// f(std::integral_constant<int, RT>) for the rows per thread the DW kernels take (1, 2, 4).
+template <typename F>
+static void for_rows(F&& f) {
+  f(std::integral_constant<int, 1>{});
+  f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 4>{});
+}
+
 // S: the tensors' dtype (float, double, or bf16 standing in for c10::BFloat16); A: the accumulation
 // and statistics dtype the host pairs with it (float for bf16).
 template <typename S, typename A, int VEC>
@@ -88,23 +96,44 @@ static void run_case(int B, int H, int W, int C) {
   expect_close("ln_stats mean", mean, mu, tol, tag);
   expect_close("ln_stats rstd", rstd, rs, tol, tag);
 
-  // --- dw_gelu: u, the saved pre-activation, row sums (and without the optional outputs) ---------------------
+  // --- dw_gelu: u, the saved pre-activation, row sums (and without the optional outputs), for 1, 2
+  //     and 4 rows per thread (the row sums then per tile of RT rows; H = 5 leaves a partial tile) -------
   const dim3 tiles(unsigned((C + TX * VEC - 1) / (TX * VEC)), unsigned(H), unsigned(B));
+  auto row_tiles = [&](int rt) { return dim3(tiles.x, unsigned((H + rt - 1) / rt), tiles.z); };
+  // sums over each tile of rt rows of a [B, H, n] array
+  auto tile_sums = [&](const std::vector<double>& rows, int rt, int n) {
+    const int ht = (H + rt - 1) / rt;
+    std::vector<double> out(int64_t(B) * ht * n, 0.0);
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < H; ++i)
+        for (int q = 0; q < n; ++q) out[(int64_t(b) * ht + i / rt) * n + q] += rows[(int64_t(b) * H + i) * n + q];
+    return out;
+  };
   std::vector<S> u_k(N), pre_k(N);
-  std::vector<A> rowsum_k(int64_t(B) * H * C);
-  cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
-                              pre_k.data(), rowsum_k.data(), H, W, C);
+  for_rows([&](auto RTc) {
+    constexpr int RT = decltype(RTc)::value;
+    char what[64];
+    std::fill(u_k.begin(), u_k.end(), S(-7.0f));
+    std::fill(pre_k.begin(), pre_k.end(), S(-7.0f));
+    std::vector<A> rowsum_k(int64_t(B) * row_tiles(RT).y * C, A(-7));
+    cuda_emu::launch(row_tiles(RT), dim3(TX, TY), [&] {
+      dw_gelu_kernel<S, A, VEC, RT>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
+                                    pre_k.data(), rowsum_k.data(), H, W, C);
+    });
+    std::snprintf(what, sizeof what, "dw_gelu RT=%d u", RT);
+    expect_close(what, u_k, u, tol_s, tag);
+    std::snprintf(what, sizeof what, "dw_gelu RT=%d pre", RT);
+    expect_close(what, pre_k, pre, tol_s, tag);
+    std::snprintf(what, sizeof what, "dw_gelu RT=%d rowsum", RT);
+    expect_close(what, rowsum_k, tile_sums(rowsum, RT, C), tol, tag);
+    std::fill(u_k.begin(), u_k.end(), S(-7.0f));
+    cuda_emu::launch(row_tiles(RT), dim3(TX, TY), [&] {
+      dw_gelu_kernel<S, A, VEC, RT>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(),
+                                    nullptr, nullptr, H, W, C);
+    });
+    std::snprintf(what, sizeof what, "dw_gelu RT=%d u (u only)", RT);
+    expect_close(what, u_k, u, tol_s, tag);
   });
-  expect_close("dw_gelu u", u_k, u, tol_s, tag);
-  expect_close("dw_gelu pre", pre_k, pre, tol_s, tag);
-  expect_close("dw_gelu rowsum", rowsum_k, rowsum, tol, tag);
-  std::fill(u_k.begin(), u_k.end(), S(-7.0f));
-  cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-    dw_gelu_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), u_k.data(), nullptr,
-                              nullptr, H, W, C);
-  });
-  expect_close("dw_gelu u (u only)", u_k, u, tol_s, tag);
 
   // --- gate_dot: v = GELU(pre) * s[b] and per (image, row) sums of gv * GELU(pre), one pass -------------------
   std::vector<A> s = rand_a(int64_t(B) * C, 0.5, 0.2), gp = rand_a(int64_t(B) * C);
@@ -133,7 +162,7 @@ static void run_case(int B, int H, int W, int C) {
     const int64_t bc = (k / HWC) * C + k % C;
     gd[k] = (double(gv[k]) * s[bc] + double(gp[bc]) * inv_hw) * gelu_grad_d(double(pre_k[k]));
   }
-  std::vector<A> gn_k(N), partials(int64_t(B) * H * 11 * C);
+  std::vector<A> gn_k(N);
   std::vector<double> gn(N, 0.0), gdw(9 * C, 0.0), gg(C, 0.0), gb(C, 0.0);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < H; ++i)
@@ -161,33 +190,47 @@ static void run_case(int B, int H, int W, int C) {
   });
   expect_close("grad_pre", gd_k, gd, tol, tag);
   for (bool fused : {false, true}) {
-    std::fill(gn_k.begin(), gn_k.end(), A(-7));
-    cuda_emu::launch(tiles, dim3(TX, TY), [&] {
-      if (fused) {
-        dw_backward_kernel<S, A, VEC, true>(nullptr, gv.data(), pre_k.data(), s.data(), gp.data(), A(inv_hw), x.data(),
-                                            mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(),
-                                            partials.data(), H, W, C);
-      } else {
-        dw_backward_kernel<S, A, VEC, false>(gd_k.data(), nullptr, nullptr, nullptr, nullptr, A(inv_hw), x.data(),
-                                             mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(),
-                                             partials.data(), H, W, C);
-      }
+    for_rows([&](auto RTc) {
+      constexpr int RT = decltype(RTc)::value;
+      const dim3 grid = row_tiles(RT);
+      std::vector<A> partials(int64_t(B) * grid.y * 11 * C, A(-7));
+      std::fill(gn_k.begin(), gn_k.end(), A(-7));
+      cuda_emu::launch(grid, dim3(TX, TY), [&] {
+        if (fused) {
+          dw_backward_kernel<S, A, VEC, true, RT>(nullptr, gv.data(), pre_k.data(), s.data(), gp.data(), A(inv_hw),
+                                                  x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(),
+                                                  gn_k.data(), partials.data(), H, W, C);
+        } else {
+          dw_backward_kernel<S, A, VEC, false, RT>(gd_k.data(), nullptr, nullptr, nullptr, nullptr, A(inv_hw),
+                                                   x.data(), mean.data(), rstd.data(), g.data(), bta.data(), wt.data(),
+                                                   gn_k.data(), partials.data(), H, W, C);
+        }
+      });
+      char what[64];
+      const char* how = fused ? "dw_backward (fused)" : "dw_backward";
+      std::snprintf(what, sizeof what, "%s RT=%d gn", how, RT);
+      expect_close(what, gn_k, gn, tol, tag);
+      std::vector<A> red(11 * C, A(0));
+      for (int64_t r = 0; r < int64_t(B) * grid.y; ++r)
+        for (int q = 0; q < 11 * C; ++q) red[q] += partials[r * 11 * C + q];
+      std::vector<A> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
+          red_b(red.begin() + 10 * C, red.end());
+      std::snprintf(what, sizeof what, "%s RT=%d grad_dw", how, RT);
+      expect_close(what, red_dw, gdw, 10 * tol, tag);
+      std::snprintf(what, sizeof what, "%s RT=%d grad_ln_weight", how, RT);
+      expect_close(what, red_g, gg, 10 * tol, tag);
+      std::snprintf(what, sizeof what, "%s RT=%d grad_ln_bias", how, RT);
+      expect_close(what, red_b, gb, 10 * tol, tag);
     });
-    const char* how = fused ? "dw_backward (fused)" : "dw_backward";
-    char what[64];
-    std::snprintf(what, sizeof what, "%s gn", how);
-    expect_close(what, gn_k, gn, tol, tag);
-    std::vector<A> red(11 * C, A(0));
-    for (int64_t r = 0; r < int64_t(B) * H; ++r)
-      for (int q = 0; q < 11 * C; ++q) red[q] += partials[r * 11 * C + q];
-    std::vector<A> red_dw(red.begin(), red.begin() + 9 * C), red_g(red.begin() + 9 * C, red.begin() + 10 * C),
-        red_b(red.begin() + 10 * C, red.end());
-    std::snprintf(what, sizeof what, "%s grad_dw", how);
-    expect_close(what, red_dw, gdw, 10 * tol, tag);
-    std::snprintf(what, sizeof what, "%s grad_ln_weight", how);
-    expect_close(what, red_g, gg, 10 * tol, tag);
-    std::snprintf(what, sizeof what, "%s grad_ln_bias", how);
-    expect_close(what, red_b, gb, 10 * tol, tag);
+  }
+  // gn as the default path (RT = 1, from grad_pre's map) left it, for ln_backward below
+  {
+    std::vector<A> partials(int64_t(B) * H * 11 * C);
+    cuda_emu::launch(tiles, dim3(TX, TY), [&] {
+      dw_backward_kernel<S, A, VEC, false>(gd_k.data(), nullptr, nullptr, nullptr, nullptr, A(inv_hw), x.data(),
+                                           mean.data(), rstd.data(), g.data(), bta.data(), wt.data(), gn_k.data(),
+                                           partials.data(), H, W, C);
+    });
   }
 
   // --- ln_backward (+ residual) ------------------------------------------------------------------------------

@@ -88,6 +88,37 @@ def test_cuda_fused_grad(shape, dtype, vec, monkeypatch):
     _check_against_float64(shape, dtype)
 
 
+@pytest.mark.parametrize("rows", ["2", "4"])
+@pytest.mark.parametrize("vec", ["1", "4"])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (1, 5, 9, 32, 8), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_rows_per_thread(shape, dtype, vec, rows, monkeypatch):
+    """DBSAM_CA_ROWS (read at every call): 2 or 4 output rows per thread in dw_gelu and dw_backward
+    (the default is 1), with their row sums and weight-grad partials per tile of rows; H = 7, 5 and 33
+    leave a partial last tile. Same tolerances as the default path; the kernels are also checked on the
+    CPU under emulation (tests/cpp/test_ca_kernels.cpp)."""
+    monkeypatch.setenv("DBSAM_CA_ROWS", rows)
+    monkeypatch.setenv("DBSAM_CA_VEC", vec)
+    _check_against_float64(shape, dtype)
+
+
+def test_cuda_rows_per_thread_same_output(monkeypatch):
+    """Each output pixel's DW sum is formed in the same order whatever the rows per thread, so pre
+    is identical bit for bit; the pooled means, summed per tile of rows instead of per row, may differ
+    in the last bits, and y with them through the gate."""
+    x, ws = make_inputs(2, 33, 17, 96, 24, dtype=torch.float32, device="cuda")
+    fwd = torch.ops.dbsam.channel_attention_forward
+    outs = []
+    for rows in ("1", "2", "4"):
+        monkeypatch.setenv("DBSAM_CA_ROWS", rows)
+        outs.append(fwd(x, *ws, None, 1e-6))
+    for o in outs[1:]:
+        assert torch.equal(o[4], outs[0][4])  # pre, the DW output
+        assert torch.allclose(o[3], outs[0][3], rtol=1e-5, atol=1e-6)  # pooled means
+        assert rel_err(o[0], outs[0][0]) < 1e-5
+
+
 def test_cuda_saves_one_map_for_backward():
     """bf16 at 8x64x64x768, the adapter goal's shape: one map in x's dtype plus statistics, at most a
     third of what the eager composition keeps (the reference backend, which runs bf16 in float32,
