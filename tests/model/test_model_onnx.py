@@ -1,16 +1,13 @@
 """The whole DB-SAM model (tiny) through torch.onnx.export(dynamo=True) with our ops' translations,
 run in ONNX Runtime: the exported file gives the model's own masks and scores."""
-import importlib.util
-
-import pytest
 import torch
 
 import dbsam.ops as ops
 
-_missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+from _shared import needs_onnx
 
 
-@pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} (the onnx and test extras)")
+@needs_onnx
 def test_tiny_model_exports_to_onnx_and_matches(tiny, tiny_batch, tmp_path):
     import onnxruntime
 

@@ -8,6 +8,7 @@ from dbsam.ops import _native
 from dbsam.ops.channel_attention import channel_attention, channel_attention_reference
 
 from _ca_common import SHAPES, make_inputs, rel_err, saved_activation_bytes
+from _shared import no_host_sync
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -214,13 +215,9 @@ def test_cuda_no_host_sync():
     ws = [w.requires_grad_() for w in ws]
     channel_attention(x, *ws, backend="cuda").sum().backward()  # first call: lazy setup may sync
     torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         y = channel_attention(x, *ws, backend="cuda")
         torch.autograd.grad(y, [x, *ws], torch.ones_like(y))
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 def test_cuda_branch_scale():

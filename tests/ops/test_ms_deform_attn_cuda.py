@@ -9,6 +9,7 @@ import torch
 from dbsam.ops import _native, ms_deform_attn, ms_deform_attn_reference
 
 from _msda_cases import make_inputs as _make_inputs, rel_err
+from _shared import no_host_sync
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -406,13 +407,9 @@ def test_no_host_sync_once_the_levels_are_checked():
         t.requires_grad_()
     ms_deform_attn(value, spatial, starts, loc, attn).sum().backward()
     torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         out = ms_deform_attn(value, spatial, starts, loc, attn)
         torch.autograd.grad(out, [value, loc, attn], torch.ones_like(out))
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 @pytest.mark.parametrize("N,Lq", [(0, 5), (2, 0), (0, 0)])

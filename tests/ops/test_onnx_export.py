@@ -1,7 +1,6 @@
 """Both ops through torch.onnx.export(dynamo=True) with dbsam.ops.onnx_translation_table(), run in ONNX
 Runtime against our own kernels: MSDeformAttn (locations off the map, dynamic batch, queries and level
 sizes) and ChannelAttention."""
-import importlib.util
 import sys
 
 import pytest
@@ -12,10 +11,14 @@ from dbsam.ops import ChannelAttention, MSDeformAttn, _native
 
 from _msda_cases import level_tensors
 
-_missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-needs_onnx = pytest.mark.skipif(bool(_missing) or not _native.HAS_NATIVE,
-                                reason=f"needs {', '.join(_missing)} (the onnx and test extras)" if _missing
-                                else f"dbsam._C not built: {_native.LOAD_ERROR}")
+from _shared import needs_onnx as _needs_onnx_extras
+
+_needs_native = pytest.mark.skipif(not _native.HAS_NATIVE, reason=f"dbsam._C not built: {_native.LOAD_ERROR}")
+
+
+def needs_onnx(test):
+    """The onnx extras, and dbsam._C: the exports are compared with our own kernels."""
+    return _needs_native(_needs_onnx_extras(test))
 
 
 def _run_onnx(module, args, path, dynamic_shapes=None, run_args=None):

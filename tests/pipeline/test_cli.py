@@ -1,5 +1,4 @@
 """The `dbsam` command end to end on small synthetic files (and the real data when present)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import pytest
 from PIL import Image
 
 from dbsam.cli import build_parser, main
+
+from _shared import needs_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MICRO = ["--model-option=img_size=64", "--model-option=depth=2", "--model-option=num_stages=2",
@@ -150,8 +151,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
         assert results[method]["steps"] == 2 and 0 <= results[method]["after"]["dsc"] <= 1
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
-                    reason="needs onnx, onnxscript and onnxruntime (the onnx and test extras)")
+@needs_onnx
 def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
     pytest.importorskip("segment_anything")
     import onnxruntime
