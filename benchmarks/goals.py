@@ -13,6 +13,8 @@ and whether it holds. The goals are the ones the issues state (H100; see benchma
                  memory <= 0.7x; batch 2 with gradient checkpointing within 16 GB
 
     python benchmarks/goals.py gpu_out/bench_*.json
+    python benchmarks/goals.py --select model_goal   # the pytest -k expression of a goal's rows
+
 
 A goal whose rows are missing from the files reads "not measured". Model-like sampling locations
 only (the `uniform` rows are a cache stress case, not what the goals are stated on).
@@ -27,6 +29,13 @@ MSDA_SHAPES = ("dbsam_vit_from_conv", "dbsam_pyramid", "vitadapter_injector", "v
 MSDA_FORWARD_SHAPES = ("dbsam_vit_from_conv", "dbsam_pyramid", "vitadapter_injector")
 DTYPES = ("bfloat16", "float32")
 GB16_MIB = 16e9 / 2 ** 20  # "within 16 GB", decimal gigabytes
+# pytest -k expressions of the rows that two goals read, for gpu_check.sh, which runs each first in a
+# session of its own (a step cut by its time limit keeps them): #6's bf16 batch-2 training steps (with
+# and without checkpointing, fast and reference ops) and #4's torch.compile(max-autotune) row.
+SELECT = {
+    "model_goal": "vit_b_train_step and 2-bf16",
+    "ca_compile_goal": "max_autotune and 8x64x64x768 and bfloat16 and fwd_bwd",
+}
 
 
 def load(paths: Iterable[str]) -> List[dict]:
@@ -187,6 +196,12 @@ def main(argv) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
+    if argv[1] == "--select":
+        if len(argv) != 3 or argv[2] not in SELECT:
+            print(f"--select takes one of {', '.join(SELECT)}", file=sys.stderr)
+            return 2
+        print(SELECT[argv[2]])
+        return 0
     evaluate(load(argv[1:])).print()
     return 0
 

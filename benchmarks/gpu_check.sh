@@ -252,21 +252,25 @@ step_bench_msda() { DBSAM_TRITON_AUTOTUNE=0 bench msda benchmarks/test_ms_deform
 step_bench_ca() { bench ca benchmarks/test_channel_attention.py -k "not max_autotune"; }
 # #6's goal rows (the bf16 batch-2 training steps, with and without checkpointing) in a session and
 # JSON of their own, first: a model step cut by the budget keeps them (see bench_slow below).
+# The goal rows' -k expressions live beside the goals they serve (benchmarks/goals.py SELECT).
+goal_rows() { "$PYTHON" benchmarks/goals.py --select "$1"; }
 step_bench_model() {
-  local rc=0
-  bench model_goal benchmarks/test_model.py -k "vit_b_train_step and 2-bf16" || rc=1
-  bench model benchmarks/test_model.py -k "not (vit_b_train_step and 2-bf16)" || rc=1
+  local rc=0 sel
+  sel=$(goal_rows model_goal) || return 1
+  bench model_goal benchmarks/test_model.py -k "$sel" || rc=1
+  bench model benchmarks/test_model.py -k "not ($sel)" || rc=1
   return $rc
 }
 # pytest-benchmark writes its JSON when the session ends: one step that its timeout cuts keeps
 # nothing. So four sessions, the goal's row first (#4: torch.compile max-autotune of the adapter at
 # 8x64x64x768 bf16 fwd+bwd), each with its own file: a cut loses only the ones not yet finished.
 step_bench_slow() {
-  local rc=0
-  bench slow_ca_goal benchmarks/test_channel_attention.py -k "max_autotune and 8x64x64x768 and bfloat16 and fwd_bwd" || rc=1
+  local rc=0 sel
+  sel=$(goal_rows ca_compile_goal) || return 1
+  bench slow_ca_goal benchmarks/test_channel_attention.py -k "$sel" || rc=1
   bench slow_msda benchmarks/test_ms_deform_attn.py -k "reference_compiled" || rc=1
   bench slow_tune benchmarks/test_ms_deform_attn_triton_tune.py || rc=1
-  bench slow_ca benchmarks/test_channel_attention.py -k "max_autotune and not (8x64x64x768 and bfloat16 and fwd_bwd)" || rc=1
+  bench slow_ca benchmarks/test_channel_attention.py -k "max_autotune and not ($sel)" || rc=1
   return $rc
 }
 

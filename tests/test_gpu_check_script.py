@@ -2,6 +2,7 @@
 the archive option packs the logs (the GPU steps themselves run only on a GPU machine); exit_probe.py
 and saved_activations.py run on the CPU."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,7 +165,6 @@ def test_build_key_follows_what_the_build_reads(tmp_path, monkeypatch):
 def test_gpu_check_deselects_tests_that_exist():
     # The tests step leaves out CPU-only minute-long compiles by node id: a renamed test would
     # silently come back into the GPU's eight minutes.
-    import re
     import shlex
 
     with open(os.path.join(REPO, "benchmarks", "gpu_check.sh")) as f:
@@ -211,3 +211,23 @@ def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
     assert lines[1].split()[-1] == "left_MiB"
     ref_row = next(line for line in lines if " reference " in line)
     assert ref_row.split()[-1] == "12653.2" and "0.38x" not in ref_row and "1.00x" in ref_row
+
+
+def test_goal_selections_pick_the_goal_rows():
+    # gpu_check runs each goal's rows first, by goals.SELECT's -k expressions: they must select the
+    # rows goals.py reads. #6: the bf16 batch-2 training steps, fast and reference, with and without
+    # checkpointing (collected on the CPU too; they skip there). #4's compile row exists at the GPU
+    # shape only: its expression must match the benchmark id that ca_table files under the goal's key.
+    goals = _goals()
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                          "benchmarks/test_model.py", "-k", goals.SELECT["model_goal"]],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    ids = set(re.findall(r"test_vit_b_train_step\[([^\]]+)\]", res.stdout))
+    assert {"2-bf16-no_ckpt-auto", "2-bf16-no_ckpt-reference", "2-bf16-grad_ckpt-auto",
+            "2-bf16-grad_ckpt-reference"} <= ids, res.stdout[-2000:]
+    assert all(i.startswith("2-bf16-") for i in ids)
+    name = "test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-compile_max_autotune]"
+    assert goals.ca_table([{"name": name, "stats": {"median": 1.0}}]) == {
+        ("8x64x64x768", "bfloat16", "fwd_bwd", "compile_max_autotune"): {"median": 1.0, "saved": None}}
+    words = [w for w in goals.SELECT["ca_compile_goal"].split() if w not in ("and", "or", "not")]
+    assert words and all(w in name for w in words)
