@@ -6,7 +6,7 @@
 #   info       card, driver, torch/CUDA/Triton versions, git commit
 #   build      in-place build for the H100 (MAX_JOBS=16 DBSAM_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0; ~60 s;
 #              reused on a second call when benchmarks/build_key.py says nothing it reads changed),
-#              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt
+#              ptxas register/spill report of our kernels -> $OUT/ptxas_sm90.txt (MSDA), ptxas_ca_sm90.txt
 #   tests_cuda pytest tests/ops/test_ms_deform_attn_cuda.py, junit -> $OUT/junit_cuda.xml (~35 s)
 #   tests      the rest of pytest tests/ops (Triton and the general files' GPU cases) and the ViT
 #              attention's fused-kernel test (tests/model/test_vit_attention.py), junit -> $OUT/junit_ops.xml
@@ -173,7 +173,10 @@ step_build() {
 step_ptxas() {
   "$PYTHON" benchmarks/ptxas_report.py "$OUT/build.log" \
     --header "# ptxas -v of the ms_deform_attn kernels, from the build step of benchmarks/gpu_check.sh ($(git rev-parse --short HEAD 2>/dev/null))" \
-    > "$OUT/ptxas_sm90.txt" && cat "$OUT/ptxas_sm90.txt"
+    > "$OUT/ptxas_sm90.txt" && cat "$OUT/ptxas_sm90.txt" &&
+  "$PYTHON" benchmarks/ptxas_report.py "$OUT/build.log" --match 5dbsam2ca \
+    --header "# ptxas -v of the channel_attention kernels, from the build step of benchmarks/gpu_check.sh ($(git rev-parse --short HEAD 2>/dev/null))" \
+    > "$OUT/ptxas_ca_sm90.txt"
 }
 
 # The CUDA kernel tests first, on their own: their result survives a slow rest of the suite.

@@ -1,6 +1,7 @@
 """Trims a build log (nvcc -Xptxas=-v output) to one line per ms_deform_attn kernel and arch.
 
     python benchmarks/ptxas_report.py build.log [--match msda_] > benchmarks/ptxas_ms_deform_attn.txt
+    python benchmarks/ptxas_report.py build.log --match 5dbsam2ca > benchmarks/ptxas_channel_attention.txt
 
 Each line: arch, registers, spill stores/loads, stack frame, and the demangled kernel name with
 its template arguments (scalar type, coordinate type, VEC, SCATTER). Names are demangled with
@@ -28,7 +29,7 @@ def demangle(names):
 def short(name: str) -> str:
     # "void dbsam::msda::(anonymous namespace)::msda_forward_kernel<c10::Half, float, 8>(...)" -> kernel<...>
     name = re.sub(r"\(.*\)$", "", name.replace("(anonymous namespace)::", ""))
-    name = name.replace("void ", "").replace("dbsam::msda::", "").replace("c10::", "")
+    name = name.replace("void ", "").replace("dbsam::msda::", "").replace("dbsam::ca::", "").replace("c10::", "")
     return name
 
 

@@ -199,8 +199,12 @@ __device__ __forceinline__ void shift_window(acc_t (&win)[3][NR][VEC]) {
 // all 9 taps per output ran at 65% SM throughput with L1TEX stalls at 57% of issue time, 297 us per
 // call at 8x64x64x768 bf16; the column walk (RT = 1), 214 us.
 // grid (ceil(C / (TX * VEC)), ceil(H / RT), B), block (TX, TY); rowsum [B, ceil(H / RT), C].
+// Several rows per thread: two blocks per SM (<= 128 registers) up to VEC * RT = 8; ptxas sm_90 (bf16)
+// fits VEC 4 x RT 2 in 128 without a spill (160 unbounded: one block per SM), VEC 4 x RT 4 would spill
+// 120 bytes there. At RT = 1 the bound (one block) moved ptxas's counts (bf16 VEC 1/2/4: 56/95/126
+// -> 64/90/128 registers) without changing the blocks per SM (4/2/2) from what the H100 runs measured.
 template <typename scalar_t, typename acc_t, int VEC, int RT = 1>
-__global__ void dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+__global__ void __launch_bounds__(TX * TY, RT > 1 && VEC * RT < 16 ? 2 : 1) dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
                                const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
                                const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
                                scalar_t* __restrict__ u_out, scalar_t* __restrict__ pre_out,
@@ -316,10 +320,11 @@ __global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t*
 // per pixel: ptxas sm_90 (bf16) puts the fused loop at 394 instructions per output against 112 for
 // this kernel plus 122 for grad_pre's per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which
 // is faster depends on how far the kernels are from issue-bound: the GPU A/B decides (it lost).
-// Two blocks per SM up to VEC * RT = 2 (the fused variant wanted 143 registers at VEC = 2, which
-// leaves one 256-thread block per SM: 8 warps to hide the window loads); wider ones take up to 255.
+// Two blocks per SM for VEC < 4 and VEC * RT < 8 (the fused variant wanted 143 registers at VEC = 2,
+// which leaves one 256-thread block per SM: 8 warps to hide the window loads; VEC 2 x RT 2 fits 128
+// without a spill, 138 unbounded); the others take up to 255 (VEC = 4 spills ~440 bytes at 128).
 template <typename scalar_t, typename acc_t, int VEC, bool FUSED, int RT = 1>
-__global__ void __launch_bounds__(TX * TY, VEC * RT >= 4 ? 1 : 2) dw_backward_kernel(
+__global__ void __launch_bounds__(TX * TY, VEC >= 4 || VEC * RT >= 8 ? 1 : 2) dw_backward_kernel(
     const acc_t* __restrict__ gd, const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
     const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw, const scalar_t* __restrict__ x,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
