@@ -102,8 +102,9 @@ int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs
 // the saved pre (no grad_pre pass, no fp32 map, GELU' three times per pixel); unset, grad_pre_kernel
 // writes that grad once and dw_backward_kernel reads it. Read at every call, like DBSAM_CA_VEC. An
 // opt-in that lost: on the H100 (2026-11-27) fwd+bwd ran 3-8% slower with it at every 8x64x64xC case
-// (its GELU' thrice per pixel against grad_pre's one pass: a guess, not profiled); kept for the next
-// kernel change.
+// (its GELU' thrice per pixel against grad_pre's one pass: a guess, not profiled). With several rows
+// per thread (DBSAM_CA_ROWS) it repeats GELU' (RT + 2) / RT times per pixel instead of 3: its A/B
+// row is cuda_fusedgrad_rows4 (RT 2 at VEC 4, RT 4 below).
 bool fused_grad() {
   const char* e = std::getenv("DBSAM_CA_FUSED_GRAD");
   return e != nullptr && e[0] == '1' && e[1] == '\0';
@@ -114,10 +115,11 @@ bool fused_grad() {
 // window column costs (RT + 2) / RT loads and LN evaluations per output instead of 3. Written
 // 2026-11-27 without a GPU (CPU-checked under the emulation) from run 5's profile: dw_gelu and
 // dw_backward were 3-5x over their bytes' floor. Off until a GPU A/B says which is faster (the
-// benchmark's cuda_rows2/cuda_rows4 rows). Read at every call; double and the fused-grad variant
-// always run 1 (fewer instantiations: neither is a speed path).
-int pick_rows(size_t elem, bool fused) {
-  if (elem >= 8 || fused) return 1;
+// benchmark's cuda_rows2/cuda_rows4 rows). Read at every call; double always runs 1 (its correctness
+// path). With DBSAM_CA_FUSED_GRAD=1 the transposed DW forms the grad at its input for (RT + 2) / RT
+// rows per output instead of 3: the GELU' it repeats, which made it lose at RT = 1, falls with RT.
+int pick_rows(size_t elem) {
+  if (elem >= 8) return 1;
   const char* e = std::getenv("DBSAM_CA_ROWS");
   if (e == nullptr || e[0] == '\0' || e[1] != '\0') return 1;
   return e[0] == '2' ? 2 : e[0] == '4' ? 4 : 1;
@@ -240,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   // One op-math buffer: the packed weights, then the row-tile sums [B, ceil(H / rows), C], the SE
   // hidden units [B, R] and the gate [B, C].
   const WeightLayout L{d.C, d.R, false};
-  const int rows = pick_rows(xc.element_size(), false);
+  const int rows = pick_rows(xc.element_size());
   const int64_t Ht = row_tiles(d, rows);
   auto buf = at::empty({L.total() + d.B * (Ht * d.C + d.R + d.C)}, aopts);
   const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
@@ -330,7 +332,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   const bool fused = fused_grad();
   // dw_backward's rows per thread: at most 8 / VEC (ptxas sm_90: VEC = 4 with 4 rows spills ~150 bytes
   // at 255 registers; every other pair fits), so the partials' tiles follow the VEC it runs at.
-  int rows_bwd = pick_rows(xc.element_size(), fused);
+  int rows_bwd = pick_rows(xc.element_size());
   at::Tensor gpw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -377,30 +379,33 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     with_vec<scalar_t>(vec_gv, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       const acc_t inv_hw = acc_t(1) / acc_t(HW);
-      if (fused) {
-        dw_backward_kernel<scalar_t, acc_t, VEC, true><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
-            nullptr, gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, inv_hw, xc.data_ptr<scalar_t>(),
-            mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
-            gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
+      if (!fused) {
         grad_pre_kernel<scalar_t, acc_t, VEC><<<grid_stride_blocks(P, WARPS), dim3(32, WARPS), 0, stream>>>(
             gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        // rows_bwd (VEC * RT <= 8) tiles the rows here; at VEC = 4 the kernel spills from RT = 4 on.
-        with_rows<scalar_t>(rows_bwd, [&](auto RTc) {
-          constexpr int RT = decltype(RTc)::value;
-          if constexpr (VEC * RT <= 8) {
-            dw_backward_kernel<scalar_t, acc_t, VEC, false, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
-                gd.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, inv_hw, xc.data_ptr<scalar_t>(),
-                mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(), wbuf + L.wt(),
-                gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          } else {
-            TORCH_INTERNAL_ASSERT(false, "channel_attention: dw_backward has no VEC = ", VEC, ", RT = ", RT);
-          }
-        });
       }
+      // rows_bwd (VEC * RT <= 8) tiles the rows here; at VEC = 4 the kernel spills from RT = 4 on.
+      auto launch = [&](auto fused_c, auto rows_c) {
+        constexpr bool FUSED = decltype(fused_c)::value;
+        constexpr int RT = decltype(rows_c)::value;
+        if constexpr (VEC * RT <= 8) {
+          dw_backward_kernel<scalar_t, acc_t, VEC, FUSED, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
+              FUSED ? nullptr : gd.data_ptr<acc_t>(), FUSED ? gv.data_ptr<scalar_t>() : nullptr,
+              FUSED ? prec.data_ptr<scalar_t>() : nullptr, FUSED ? m.gate : nullptr, FUSED ? m.gp : nullptr, inv_hw,
+              xc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(), rstd_c.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(),
+              wbuf + L.wt(), gn.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), H, W, C);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          TORCH_INTERNAL_ASSERT(false, "channel_attention: dw_backward has no VEC = ", VEC, ", RT = ", RT);
+        }
+      };
+      with_rows<scalar_t>(rows_bwd, [&](auto rows_c) {
+        if (fused) {
+          launch(std::true_type{}, rows_c);
+        } else {
+          launch(std::false_type{}, rows_c);
+        }
+      });
     });
     with_vec<scalar_t>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;

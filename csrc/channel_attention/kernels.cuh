@@ -320,11 +320,12 @@ __global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t*
 // per pixel: ptxas sm_90 (bf16) puts the fused loop at 394 instructions per output against 112 for
 // this kernel plus 122 for grad_pre's per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which
 // is faster depends on how far the kernels are from issue-bound: the GPU A/B decides (it lost).
-// Two blocks per SM for VEC < 4 and VEC * RT < 8 (the fused variant wanted 143 registers at VEC = 2,
-// which leaves one 256-thread block per SM: 8 warps to hide the window loads; VEC 2 x RT 2 fits 128
-// without a spill, 138 unbounded); the others take up to 255 (VEC = 4 spills ~440 bytes at 128).
+// Two blocks per SM for VEC < 4 and VEC * RT < 8 (4 when FUSED) (the fused variant wanted 143
+// registers at VEC = 2, which leaves one 256-thread block per SM: 8 warps to hide the window loads;
+// VEC 2 x RT 2 fits 128 without a spill, 138 unbounded, but FUSED spills 16 bytes there); the others
+// take up to 255 (VEC = 4 spills ~440 bytes at 128).
 template <typename scalar_t, typename acc_t, int VEC, bool FUSED, int RT = 1>
-__global__ void __launch_bounds__(TX * TY, VEC >= 4 || VEC * RT >= 8 ? 1 : 2) dw_backward_kernel(
+__global__ void __launch_bounds__(TX * TY, VEC >= 4 || VEC * RT >= (FUSED ? 4 : 8) ? 1 : 2) dw_backward_kernel(
     const acc_t* __restrict__ gd, const scalar_t* __restrict__ gv, const scalar_t* __restrict__ pre,
     const acc_t* __restrict__ s, const acc_t* __restrict__ gp, acc_t inv_hw, const scalar_t* __restrict__ x,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,

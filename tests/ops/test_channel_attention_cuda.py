@@ -77,15 +77,18 @@ def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     assert rel_err(channel_attention(x_odd, *ws, backend="cuda"), channel_attention(x, *ws, backend="cuda")) < tol
 
 
+@pytest.mark.parametrize("rows", ["1", "2", "4"])
 @pytest.mark.parametrize("vec", ["1", "2", "4"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_fused_grad(shape, dtype, vec, monkeypatch):
+def test_cuda_fused_grad(shape, dtype, vec, rows, monkeypatch):
     """DBSAM_CA_FUSED_GRAD=1 (read at every call): the transposed-DW kernel forms the grad at the DW
-    output itself instead of reading grad_pre_kernel's map. Same tolerances as the default path."""
+    output itself instead of reading grad_pre_kernel's map, at 1, 2 and 4 rows per thread. Same
+    tolerances as the default path."""
     monkeypatch.setenv("DBSAM_CA_FUSED_GRAD", "1")
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
+    monkeypatch.setenv("DBSAM_CA_ROWS", rows)
     _check_against_float64(shape, dtype)
 
 
