@@ -77,7 +77,7 @@ def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     assert rel_err(channel_attention(x_odd, *ws, backend="cuda"), channel_attention(x, *ws, backend="cuda")) < tol
 
 
-@pytest.mark.parametrize("rows", ["1", "2", "4"])
+@pytest.mark.parametrize("rows", ["1", "4"])
 @pytest.mark.parametrize("vec", ["1", "2", "4"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -96,12 +96,12 @@ def test_cuda_fused_grad(shape, dtype, vec, rows, monkeypatch):
 @pytest.mark.parametrize("vec", ["1", "4"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (1, 5, 9, 32, 8), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
                          ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_rows_per_thread(shape, dtype, vec, rows, monkeypatch):
     """DBSAM_CA_ROWS (read at every call): 2 or 4 output rows per thread in dw_gelu and dw_backward
     (the default is 1), with their row sums and weight-grad partials per tile of rows; H = 7, 5 and 33
     leave a partial last tile. Same tolerances as the default path; the kernels are also checked on the
-    CPU under emulation (tests/cpp/test_ca_kernels.cpp)."""
+    CPU under emulation (tests/cpp/test_ca_kernels.cpp) in every dtype, fp16's code path is bf16's."""
     monkeypatch.setenv("DBSAM_CA_ROWS", rows)
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
     _check_against_float64(shape, dtype)
