@@ -72,21 +72,26 @@ dim3 tile_grid(const Dims& d, int vec, int rows = 1) {
               static_cast<unsigned>(d.B));
 }
 
+// The value of a knob that takes a width, "1", "2" or "4"; 0 when unset or anything else.
+int env_width(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || (e[0] != '1' && e[0] != '2' && e[0] != '4') || e[1] != '\0') return 0;
+  return e[0] - '0';
+}
+
 // Channels per thread of the [B,H,W,C] kernels (kernels.cuh): by default 8 bytes per thread (bf16 and
 // fp16: 4 channels, fp32: 2). On the H100 (2026-11-27, results/h100_2026-11-27_dfbc80c) both widths
 // were as fast as one channel per thread or faster at every 8x64x64xC case (up to 1.28x); 4 and 2
 // channels were within each other's spread, and the 8-byte rule takes the better of the two at the
 // model's width (C = 768) in bf16 fwd+bwd (1554 against 1843 us) and fp32 fwd+bwd (3864 against
-// 4046 us). DBSAM_CA_VEC=1|2|4
-// forces one (read at every call, so the benchmark's A/B rows and the tests switch it within one
-// process). A VEC that does not divide C, or that a buffer's alignment does not allow (a view with
+// 4046 us). DBSAM_CA_VEC=1|2|4 forces one (read at every call, so the benchmark's A/B rows and the
+// tests switch it within one process). A VEC that does not divide C, or that a buffer's alignment does not allow (a view with
 // an odd offset), falls back to the widest that does; double always runs 1 (its correctness path,
 // one instantiation fewer per kernel).
 int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs) {
   if (elem >= 8) return 1;
-  const char* e = std::getenv("DBSAM_CA_VEC");
-  const bool forced = e != nullptr && (e[0] == '1' || e[0] == '2' || e[0] == '4') && e[1] == '\0';
-  int vec = forced ? e[0] - '0' : static_cast<int>(8 / elem);
+  const int forced = env_width("DBSAM_CA_VEC");
+  int vec = forced != 0 ? forced : static_cast<int>(8 / elem);
   auto fits = [&](int v) {
     if (d.C % v != 0) return false;
     for (const void* p : ptrs) {
@@ -119,34 +124,20 @@ bool fused_grad() {
 // path). With DBSAM_CA_FUSED_GRAD=1 the transposed DW forms the grad at its input for (RT + 2) / RT
 // rows per output instead of 3: the GELU' it repeats, which made it lose at RT = 1, falls with RT.
 int pick_rows(size_t elem) {
-  if (elem >= 8) return 1;
-  const char* e = std::getenv("DBSAM_CA_ROWS");
-  if (e == nullptr || e[0] == '\0' || e[1] != '\0') return 1;
-  return e[0] == '2' ? 2 : e[0] == '4' ? 4 : 1;
+  const int forced = env_width("DBSAM_CA_ROWS");
+  return elem >= 8 || forced == 0 ? 1 : forced;
 }
 
-// f(std::integral_constant<int, VEC>) for the VEC picked at run time (1 only for double).
+// f(std::integral_constant<int, N>) for a width N of 1, 2 or 4 picked at run time: the channels per
+// thread (pick_vec) or the rows per thread (pick_rows) of the kernels. Double always runs 1 (its
+// correctness path, one instantiation per kernel).
 template <typename scalar_t, typename F>
-void with_vec(int vec, F&& f) {
+void with_width(int n, F&& f) {
   if constexpr (sizeof(scalar_t) >= 8) {
     f(std::integral_constant<int, 1>{});
-  } else if (vec == 4) {
+  } else if (n == 4) {
     f(std::integral_constant<int, 4>{});
-  } else if (vec == 2) {
-    f(std::integral_constant<int, 2>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
-}
-
-// f(std::integral_constant<int, RT>) for the rows per thread picked at run time (pick_rows).
-template <typename scalar_t, typename F>
-void with_rows(int rows, F&& f) {
-  if constexpr (sizeof(scalar_t) >= 8) {
-    f(std::integral_constant<int, 1>{});
-  } else if (rows == 4) {
-    f(std::integral_constant<int, 4>{});
-  } else if (rows == 2) {
+  } else if (n == 2) {
     f(std::integral_constant<int, 2>{});
   } else {
     f(std::integral_constant<int, 1>{});
@@ -256,13 +247,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     acc_t* gate = hidden + d.B * d.R;
     const acc_t* scale = in.scale_ptr<acc_t>();
     launch_pack<scalar_t, acc_t>(in.ptrs, L, wbuf, stream);
-    with_vec<scalar_t>(vec, [&](auto V) {
+    with_width<scalar_t>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
           xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
           static_cast<int>(d.C), static_cast<acc_t>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      with_rows<scalar_t>(rows, [&](auto RTc) {
+      with_width<scalar_t>(rows, [&](auto RTc) {
         constexpr int RT = decltype(RTc)::value;
         dw_gelu_kernel<scalar_t, acc_t, VEC, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
             xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wbuf + L.g(), wbuf + L.b(),
@@ -351,7 +342,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     // gv is a fresh GEMM output: its alignment may still cap VEC (checked, never assumed).
     const int vec_gv = std::min(vec, pick_vec(d, xc.element_size(), {gv.data_ptr()}));
     auto v = at::empty_like(xc);
-    with_vec<scalar_t>(vec_gv, [&](auto V) {
+    with_width<scalar_t>(vec_gv, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       gate_dot_kernel<scalar_t, acc_t, VEC><<<tile_grid(d, VEC), dim3(TX, TY), 0, stream>>>(
           gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, v.data_ptr<scalar_t>(), m.rowdot, H, W, C);
@@ -376,7 +367,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
         m.ga, pooled_c.data_ptr<acc_t>(), m.gz, m.h, static_cast<int>(d.B), R, C, g_fc1.data_ptr(),
         in.is_float(kFc1), g_fc2.data_ptr(), in.is_float(kFc2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    with_vec<scalar_t>(vec_gv, [&](auto V) {
+    with_width<scalar_t>(vec_gv, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       const acc_t inv_hw = acc_t(1) / acc_t(HW);
       if (!fused) {
@@ -399,7 +390,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
           TORCH_INTERNAL_ASSERT(false, "channel_attention: dw_backward has no VEC = ", VEC, ", RT = ", RT);
         }
       };
-      with_rows<scalar_t>(rows_bwd, [&](auto rows_c) {
+      with_width<scalar_t>(rows_bwd, [&](auto rows_c) {
         if (fused) {
           launch(std::true_type{}, rows_c);
         } else {
@@ -407,7 +398,7 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
         }
       });
     });
-    with_vec<scalar_t>(vec, [&](auto V) {
+    with_width<scalar_t>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
           gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
