@@ -204,6 +204,30 @@ def test_saves_one_map_for_backward(backend, triton_interpreter):
     assert 3 * saved[backend] <= saved["reference"], saved
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_native), "triton"])
+def test_backward_makes_no_zero_grads_for_saved_outputs(backend, triton_interpreter):
+    """The forward op's outputs besides y (mean, rstd, pooled and pre, the [B, H, W, C] DW output) are
+    saved state, never differentiated: autograd must not zero-fill a gradient for each of them before
+    every backward (it did until 2026-11-27: a 50 MB fill per step at the ViT-B shape in bf16)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if ops._backends.why_not("channel_attention", backend, torch.device("cpu")):
+        pytest.skip(f"{backend}: {ops._backends.why_not('channel_attention', backend, torch.device('cpu'))}")
+    x, ws = make_inputs(2, 9, 7, 24, 6)
+    x = x.float().requires_grad_()
+    ws = [w.float().requires_grad_() for w in ws]
+    y = channel_attention(x, *ws, backend=backend)
+    gy = torch.ones_like(y)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        grads = torch.autograd.grad(y, [x, *ws], gy)
+    # A materialised gradient is at::zeros, i.e. a zero_ of the output's shape.
+    saved_shapes = ([2, 9, 7, 24], [2, 9, 7], [2, 24])
+    zeroed = [e.input_shapes for e in prof.events()
+              if e.name == "aten::zero_" and e.input_shapes and e.input_shapes[0] in saved_shapes]
+    assert not zeroed, zeroed
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         channel_attention(**_args(), backend="nope")
