@@ -1,8 +1,8 @@
 // CUDA kernels of the channel-attention adapter y = x + PW1x1(SE(GELU(DW3x3(LN(x))))), channels-last.
 //
-// Forward (x read twice, u and pre written once, then one GEMM):
+// Forward (x read twice, u, pre and a copy of x written once, then one GEMM):
 //   pack_weights  the six small weights converted to op-math in one buffer (one launch).
-//   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double).
+//   ln_stats      one warp per pixel: LN mean/rstd in fp32 (fp64 for double), and x copied into y.
 //   dw_gelu       one block per (32 * VEC channels, RT image rows, image); the LN is applied on the fly
 //                 to a 3 x (RT + 2) window walked along the rows ((RT + 2) / RT LN evaluations per
 //                 output), DW3x3 + GELU, u and the pre-activation pre written in x's dtype (pre is
@@ -11,8 +11,8 @@
 //   the SE MLP    sum_rows (pooled means), then two small_mm launches, one warp per output, with the
 //                 GELU and the gate (sigmoid times the drop-path factor) fused as epilogues.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
-//   1x1 conv      one batched cuBLAS GEMM (at::baddbmm) on wf^T (a view) with the residual x as the
-//                 GEMM's addend.
+//   1x1 conv      one batched cuBLAS GEMM (in-place baddbmm_ on y, which holds x) on wf^T (a view):
+//                 the residual is the GEMM's addend.
 // Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
 //   pack_weights (with W1^T, W2^T), the SE recomputed (two small_mm), the GEMM gv = gy Wp (the grad
 //   at the gated activations), gate_dot (one pass over pre and gv: v = GELU(pre) * gate and the
@@ -229,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
   if (P == 0) return {at::empty_like(xc), mean, rstd, pooled, pre};  // an empty batch
   auto u = at::empty_like(xc);
+  auto y = at::empty_like(xc);  // ln_stats copies x here; the 1x1 GEMM adds to it in place
   auto wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
   // One op-math buffer: the packed weights, then the row-tile sums [B, ceil(H / rows), C], the SE
   // hidden units [B, R] and the gate [B, C].
@@ -238,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   auto buf = at::empty({L.total() + d.B * (Ht * d.C + d.R + d.C)}, aopts);
   const SmallInputs in({&ln_weight, &ln_bias, &dw_weight, &fc1_weight, &fc2_weight, &pw_weight}, branch_scale);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr()});
+  const int vec = pick_vec(d, xc.element_size(), {xc.data_ptr(), u.data_ptr(), pre.data_ptr(), y.data_ptr()});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* wbuf = buf.data_ptr<acc_t>();
@@ -251,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
       constexpr int VEC = decltype(V)::value;
       ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
           xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
-          static_cast<int>(d.C), static_cast<acc_t>(eps));
+          static_cast<int>(d.C), static_cast<acc_t>(eps), y.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       with_width<scalar_t>(rows, [&](auto RTc) {
         constexpr int RT = decltype(RTc)::value;
@@ -275,9 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
         wbuf + L.wp(), gate, wf.data_ptr<scalar_t>(), total, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // y_b = x_b + u_b @ (Wp * gate_b)^T, residual as the GEMM's addend.
-  auto y = at::baddbmm(xc.view({d.B, HW, d.C}), u.view({d.B, HW, d.C}), wf.transpose(1, 2)).view(x.sizes());
-  return {y, mean, rstd, pooled, pre};
+  // y_b = x_b + u_b @ (Wp * gate_b)^T: y holds x (ln_stats wrote it), the GEMM adds in place (beta 1;
+  // out of place, at::baddbmm would first copy x into its result, a full extra pass).
+  y.view({d.B, HW, d.C}).baddbmm_(u.view({d.B, HW, d.C}), wf.transpose(1, 2));
+  return {y.view(x.sizes()), mean, rstd, pooled, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -95,6 +95,17 @@ static void run_case(int B, int H, int W, int C) {
                    [&] { ln_stats_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), P, C, eps); });
   expect_close("ln_stats mean", mean, mu, tol, tag);
   expect_close("ln_stats rstd", rstd, rs, tol, tag);
+  // with the copy of x the forward's output buffer starts from (the GEMM adds to it in place)
+  std::vector<S> x_copy(N, S(-7.0f));
+  std::fill(mean.begin(), mean.end(), A(-7));
+  cuda_emu::launch(dim3(unsigned((P + WARPS - 1) / WARPS)), dim3(WARPS * 32), [&] {
+    ln_stats_kernel<S, A, VEC>(x.data(), mean.data(), rstd.data(), P, C, eps, x_copy.data());
+  });
+  expect_close("ln_stats mean (with the copy)", mean, mu, tol, tag);
+  {
+    std::vector<double> xd(x.begin(), x.end());
+    expect_close("ln_stats copy of x", x_copy, xd, 0.0, tag);
+  }
 
   // --- dw_gelu: u, the saved pre-activation, row sums (and without the optional outputs), for 1, 2
   //     and 4 rows per thread (the row sums then per tile of RT rows; H = 5 leaves a partial tile) -------
