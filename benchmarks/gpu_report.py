@@ -3,7 +3,10 @@ over the reference backend of the same group, and the extra_info fields (effecti
 copy bandwidth, and host_us: the time a step takes to queue its launches, near the median when the
 step is host-bound) when the benchmark recorded them, and the peak GPU memory with its ratio to the
 reference's and the activation bytes saved for backward where the benchmark recorded them (the
-model benchmarks).
+model benchmarks). Then, where a group has A/B rows of a CUDA op's knobs (backends cuda_<variant>),
+each variant's time over the default `cuda` row's (run 5's forward-only rows of the fused-grad knob,
+which cannot change the forward, read 0.88-0.99: take a ratio as a gain only beyond that spread and
+in both C).
 
     python benchmarks/gpu_report.py gpu_out/bench_*.json
 """
@@ -79,7 +82,27 @@ def main(argv) -> int:
             mem += f" {r['extra'].get('left_behind_MiB', '-')!s:>8}"
         print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6} {host!s:>8}"
               + mem)
+    ab_table(rows)
     return 0
+
+
+def ab_table(rows) -> None:
+    """The A/B rows of a CUDA op's knobs (backends named cuda_<variant>, e.g. the adapter's cuda_rows2)
+    against the default `cuda` row of the same group: time ratio, under 1 where the variant is faster.
+    What a default is flipped on (benchmarks/NOTES.md), one line per group."""
+    default = {r["group"]: r["median"] for r in rows if r["backend"] == "cuda" and r["median"]}
+    variants = sorted({r["backend"] for r in rows if r["backend"].startswith("cuda_")})
+    lines = []
+    for group in sorted(default):
+        here = {r["backend"]: r["median"] for r in rows if r["group"] == group and r["median"]}
+        if not any(v in here for v in variants):
+            continue
+        cells = [f"{here[v] / default[group]:.2f}" if v in here else "-" for v in variants]
+        lines.append(f"{group[:52]:52} {default[group] * 1e6:>10.1f} " + " ".join(f"{c:>12}" for c in cells))
+    if lines:
+        print("\nA/B: variant time / default (cuda) time, < 1 faster")
+        print(f"{'group':52} {'cuda_us':>10} " + " ".join(f"{v[5:][:12]:>12}" for v in variants))
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -213,6 +213,26 @@ def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
     assert ref_row.split()[-1] == "12653.2" and "0.38x" not in ref_row and "1.00x" in ref_row
 
 
+def test_gpu_report_ab_table_of_the_variants(tmp_path):
+    # The A/B rows (cuda_<variant>) against the default cuda row of each group, as time ratios.
+    import json
+
+    def row(impl, median):
+        return {"name": f"test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-{impl}]", "params": {"impl": impl},
+                "stats": {"median": median}}
+
+    rows = [row("cuda", 2.0e-3), row("cuda_rows2", 1.5e-3), row("cuda_vec2", 2.2e-3), row("eager_nchw", 3.0e-3)]
+    path = tmp_path / "bench_ca.json"
+    path.write_text(json.dumps({"benchmarks": rows}))
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_report.py"), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    head = lines.index("A/B: variant time / default (cuda) time, < 1 faster")
+    assert lines[head + 1].split()[-2:] == ["rows2", "vec2"]
+    assert lines[head + 2].split()[-3:] == ["2000.0", "0.75", "1.10"]
+
+
 def test_goal_selections_pick_the_goal_rows():
     # gpu_check runs each goal's rows first, by goals.SELECT's -k expressions: they must select the
     # rows goals.py reads. #6: the bf16 batch-2 training steps, fast and reference, with and without
