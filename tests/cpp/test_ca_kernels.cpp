@@ -4,8 +4,9 @@
 // c10::BFloat16, with float statistics), odd sizes: partial channel blocks (C < 32 * VEC, C not
 // a multiple of the block's channels), rows shorter than the block's column groups (W = 7 < 8) and
 // longer (W = 17: uneven column runs); the DW kernels at 1, 2 and 4 output rows per thread (RT,
-// DBSAM_CA_ROWS) with partial last tiles of rows, and ln_stats with and without its copy of x. What this cannot check (speed, real memory ordering, the
-// host code's buffer and alignment choices) the GPU tests do. Built and run by CMake/ctest.
+// DBSAM_CA_ROWS) with partial last tiles of rows, and ln_stats with and without its copy of x. What
+// this cannot check (speed, real memory ordering, the host code's buffer and alignment choices) the
+// GPU tests do. Built and run by CMake/ctest.
 #include "cuda_emulation.h"
 #include "expect_close.h"
 #include "host_bf16.h"
