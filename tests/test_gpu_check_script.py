@@ -195,19 +195,24 @@ def test_profile_ops_host_table_on_the_cpu(capsys):
     assert any("aten::mm" in line for line in lines[1:]), lines
 
 
-def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
+def _gpu_report(tmp_path, rows):
+    """gpu_report.py's output lines for a JSON file of these benchmark rows."""
     import json
 
-    rows = [{"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": b},
-             "stats": {"median": m}, "extra_info": {"peak_memory_MiB": p, "allocated_at_start_MiB": 400.0,
-                                                    "left_behind_MiB": left}}
-            for b, m, p, left in (("auto", 0.1, 6000.0, 0.0), ("reference", 0.16, 16000.0, 12653.2))]
-    path = tmp_path / "bench_model.json"
+    path = tmp_path / "bench.json"
     path.write_text(json.dumps({"benchmarks": rows}))
     res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_report.py"), str(path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
+    return res.stdout.splitlines()
+
+
+def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
+    rows = [{"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": b},
+             "stats": {"median": m}, "extra_info": {"peak_memory_MiB": p, "allocated_at_start_MiB": 400.0,
+                                                    "left_behind_MiB": left}}
+            for b, m, p, left in (("auto", 0.1, 6000.0, 0.0), ("reference", 0.16, 16000.0, 12653.2))]
+    lines = _gpu_report(tmp_path, rows)
     assert lines[1].split()[-1] == "left_MiB"
     ref_row = next(line for line in lines if " reference " in line)
     assert ref_row.split()[-1] == "12653.2" and "0.38x" not in ref_row and "1.00x" in ref_row
@@ -215,19 +220,12 @@ def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
 
 def test_gpu_report_ab_table_of_the_variants(tmp_path):
     # The A/B rows (cuda_<variant>) against the default cuda row of each group, as time ratios.
-    import json
-
     def row(impl, median):
         return {"name": f"test_channel_attention[8x64x64x768-bfloat16-fwd_bwd-{impl}]", "params": {"impl": impl},
                 "stats": {"median": median}}
 
     rows = [row("cuda", 2.0e-3), row("cuda_rows2", 1.5e-3), row("cuda_vec2", 2.2e-3), row("eager_nchw", 3.0e-3)]
-    path = tmp_path / "bench_ca.json"
-    path.write_text(json.dumps({"benchmarks": rows}))
-    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_report.py"), str(path)],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
+    lines = _gpu_report(tmp_path, rows)
     head = lines.index("A/B: variant time / default (cuda) time, < 1 faster")
     assert lines[head + 1].split()[-2:] == ["rows2", "vec2"]
     assert lines[head + 2].split()[-3:] == ["2000.0", "0.75", "1.10"]
