@@ -43,10 +43,12 @@ __global__ void ln_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
   const scalar_t* xp = x + p * C;
   acc_t s = 0;
   for (int c = lane * VEC; c < C; c += 32 * VEC) {
-    const Vec<scalar_t, VEC> raw = *reinterpret_cast<const Vec<scalar_t, VEC>*>(xp + c);  // one access
-    if (x_copy != nullptr) *reinterpret_cast<Vec<scalar_t, VEC>*>(x_copy + p * C + c) = raw;
+    acc_t xv[VEC];
+    load_vec<VEC>(xp + c, xv);
+    // Exact: every x dtype widens to its op-math type and narrows back without loss.
+    if (x_copy != nullptr) store_vec<VEC>(x_copy + p * C + c, xv);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) s += static_cast<acc_t>(raw.v[k]);
+    for (int k = 0; k < VEC; ++k) s += xv[k];
   }
   const acc_t mu = warp_sum(s) / acc_t(C);
   acc_t v = 0;
@@ -177,15 +179,15 @@ __device__ __forceinline__ void channel_params(const acc_t* __restrict__ wt, con
   }
 }
 
-// win[column][row][channel] moves one column left: [0] <- [1] <- [2].
-template <typename acc_t, int NR, int VEC>
-__device__ __forceinline__ void shift_window(acc_t (&win)[3][NR][VEC]) {
+// win[column][row][channel] moves one column left: [0] <- [1] <- ... <- [NC - 1].
+template <typename acc_t, int NC, int NR, int VEC>
+__device__ __forceinline__ void shift_window(acc_t (&win)[NC][NR][VEC]) {
 #pragma unroll
-  for (int r = 0; r < NR; ++r) {
+  for (int col = 0; col + 1 < NC; ++col) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      win[0][r][k] = win[1][r][k];
-      win[1][r][k] = win[2][r][k];
+    for (int r = 0; r < NR; ++r) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) win[col][r][k] = win[col + 1][r][k];
     }
   }
 }
@@ -208,11 +210,11 @@ __device__ __forceinline__ void shift_window(acc_t (&win)[3][NR][VEC]) {
 // 120 bytes there. At RT = 1 the bound (one block) moved ptxas's counts (bf16 VEC 1/2/4: 56/95/126
 // -> 64/90/128 registers) without changing the blocks per SM (4/2/2) from what the H100 runs measured.
 template <typename scalar_t, typename acc_t, int VEC, int RT = 1>
-__global__ void __launch_bounds__(TX * TY, RT > 1 && VEC * RT < 16 ? 2 : 1) dw_gelu_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                               const acc_t* __restrict__ rstd, const acc_t* __restrict__ g,
-                               const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
-                               scalar_t* __restrict__ u_out, scalar_t* __restrict__ pre_out,
-                               acc_t* __restrict__ rowsum, int H, int W, int C) {
+__global__ void __launch_bounds__(TX * TY, RT > 1 && VEC * RT < 16 ? 2 : 1) dw_gelu_kernel(
+    const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+    const acc_t* __restrict__ g, const acc_t* __restrict__ bta, const acc_t* __restrict__ wt,
+    scalar_t* __restrict__ u_out, scalar_t* __restrict__ pre_out, acc_t* __restrict__ rowsum, int H, int W,
+    int C) {
   constexpr int NR = RT + 2;
   const int c = (blockIdx.x * TX + threadIdx.x) * VEC;
   const int i0 = blockIdx.y * RT;
@@ -316,14 +318,14 @@ __global__ void grad_pre_kernel(const scalar_t* __restrict__ gv, const scalar_t*
 
 // Transposed DW (gn = grad at the LN output) + per-block partials [B * ceil(H / RT), 11, C] of grad_dw
 // (9 taps), grad_ln_weight, grad_ln_bias. grid (ceil(C / (TX * VEC)), ceil(H / RT), B), block (TX,
-// TY); RT rows per thread as in dw_gelu_kernel. The grad at the
-// DW output comes either from gd, the map grad_pre_kernel wrote (FUSED = false, the default), or is
-// formed where the window loads it from gv (the grad at the gated activations), the saved pre, the
-// gate s [B, C] and gp [B, C] (FUSED = true, DBSAM_CA_FUSED_GRAD=1). Fusing saves grad_pre's pass
-// and the fp32 map, but every gd value enters three rows' windows, so GELU' is evaluated three times
-// per pixel: ptxas sm_90 (bf16) puts the fused loop at 394 instructions per output against 112 for
-// this kernel plus 122 for grad_pre's per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which
-// is faster depends on how far the kernels are from issue-bound: the GPU A/B decides (it lost).
+// TY); RT rows per thread as in dw_gelu_kernel. The grad at the DW output comes either from gd, the
+// map grad_pre_kernel wrote (FUSED = false, the default), or is formed where the window loads it from
+// gv (the grad at the gated activations), the saved pre, the gate s [B, C] and gp [B, C] (FUSED =
+// true, DBSAM_CA_FUSED_GRAD=1). Fusing saves grad_pre's pass and the fp32 map, but every gd value
+// enters three rows' windows, so GELU' is evaluated three times per pixel: ptxas sm_90 (bf16) puts
+// the fused loop at 394 instructions per output against 112 for this kernel plus 122 for grad_pre's
+// per element at VEC = 1 (262 against 95 + 81 at VEC = 2). Which is faster depends on how far the
+// kernels are from issue-bound: the GPU A/B decides (it lost at RT = 1).
 // Two blocks per SM for VEC < 4 and VEC * RT < 8 (4 when FUSED) (the fused variant wanted 143
 // registers at VEC = 2, which leaves one 256-thread block per SM: 8 warps to hide the window loads;
 // VEC 2 x RT 2 fits 128 without a spill, 138 unbounded, but FUSED spills 16 bytes there); the others
@@ -397,11 +399,7 @@ __global__ void __launch_bounds__(TX * TY, VEC >= 4 || VEC * RT >= (FUSED ? 4 : 
       }
       shift_window(gwin);
       shift_window(lwin);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) xh[0][r][k] = xh[1][r][k];
-      }
+      shift_window(xh);
     }
   }
   block_sum_rows<acc_t, 11, VEC>(part, partials + (b * gridDim.y + blockIdx.y) * 11 * C, C);
