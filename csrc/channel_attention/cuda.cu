@@ -85,9 +85,9 @@ int env_width(const char* name) {
 // channels were within each other's spread, and the 8-byte rule takes the better of the two at the
 // model's width (C = 768) in bf16 fwd+bwd (1554 against 1843 us) and fp32 fwd+bwd (3864 against
 // 4046 us). DBSAM_CA_VEC=1|2|4 forces one (read at every call, so the benchmark's A/B rows and the
-// tests switch it within one process). A VEC that does not divide C, or that a buffer's alignment does not allow (a view with
-// an odd offset), falls back to the widest that does; double always runs 1 (its correctness path,
-// one instantiation fewer per kernel).
+// tests switch it within one process). A VEC that does not divide C, or that a buffer's alignment
+// does not allow (a view with an odd offset), falls back to the widest that does; double always runs
+// 1 (its correctness path, one instantiation fewer per kernel).
 int pick_vec(const Dims& d, size_t elem, std::initializer_list<const void*> ptrs) {
   if (elem >= 8) return 1;
   const int forced = env_width("DBSAM_CA_VEC");
@@ -323,9 +323,6 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
   auto wp_st = pw_weight.reshape({d.C, d.C});
   if (wp_st.scalar_type() != st) wp_st = wp_st.to(st);  // float32 master weights under AMP
   const bool fused = fused_grad();
-  // dw_backward's rows per thread: at most 8 / VEC (ptxas sm_90: VEC = 4 with 4 rows spills ~150 bytes
-  // at 255 registers; every other pair fits), so the partials' tiles follow the VEC it runs at.
-  int rows_bwd = pick_rows(xc.element_size());
   at::Tensor gpw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -353,7 +350,9 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     gpw = at::mm(gy2.t(), v.view({P, d.C}));
     v.reset();
     auto gn = at::empty({d.B, d.H, d.W, d.C}, aopts);
-    rows_bwd = std::min(rows_bwd, 8 / vec_gv);
+    // dw_backward's rows per thread: at most 8 / VEC (ptxas sm_90: VEC = 4 with 4 rows spills ~150
+    // bytes at 255 registers; every other pair fits), so the partials' tiles follow the VEC it runs at.
+    const int rows_bwd = std::min(pick_rows(xc.element_size()), 8 / vec_gv);
     const int64_t Ht = row_tiles(d, rows_bwd);
     auto partials = at::empty({d.B * Ht, 11, d.C}, aopts);  // per row tile of dw_backward
     at::Tensor gd;  // the grad at the DW output, unless dw_backward forms it itself
@@ -377,11 +376,10 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
             gv.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(), m.gate, m.gp, gd.data_ptr<acc_t>(), P, HW, C, inv_hw);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      // rows_bwd (VEC * RT <= 8) tiles the rows here; at VEC = 4 the kernel spills from RT = 4 on.
       auto launch = [&](auto fused_c, auto rows_c) {
         constexpr bool FUSED = decltype(fused_c)::value;
         constexpr int RT = decltype(rows_c)::value;
-        if constexpr (VEC * RT <= 8) {
+        if constexpr (VEC * RT <= 8) {  // rows_bwd's cap: the spilling VEC 4 x RT 4 kernel is never built
           dw_backward_kernel<scalar_t, acc_t, VEC, FUSED, RT><<<tile_grid(d, VEC, RT), dim3(TX, TY), 0, stream>>>(
               FUSED ? nullptr : gd.data_ptr<acc_t>(), FUSED ? gv.data_ptr<scalar_t>() : nullptr,
               FUSED ? prec.data_ptr<scalar_t>() : nullptr, FUSED ? m.gate : nullptr, FUSED ? m.gp : nullptr, inv_hw,
