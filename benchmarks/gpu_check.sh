@@ -221,9 +221,9 @@ sanitizer() {  # sanitizer TOOL [TAG [ARGS...]]: TAG names the raw log of a seco
 # The default pass runs the MSDA forward that locates each point once per group (16-byte loads),
 # the 8-byte atomic backward and the adapter at 8 bytes per thread (bf16: 4 channels, fp32: 2; a
 # partial channel block at C = 24), its DW kernels at 1, 2 and 4 rows per thread (sanitize_case sets
-# DBSAM_CA_ROWS itself; H = 7 leaves partial row tiles). The second pass (all read per process or per call) covers the
-# per-lane MSDA forward at 8-byte loads, the opt-in bf16/fp16 grad_value atomics and the adapter at
-# one channel per thread with the fused grad.
+# DBSAM_CA_ROWS itself; H = 7 leaves partial row tiles). The second pass (all read per process or per
+# call) covers the per-lane MSDA forward at 8-byte loads, the opt-in bf16/fp16 grad_value atomics and
+# the adapter at one channel per thread with the fused grad.
 step_memcheck() { sanitizer memcheck && DBSAM_MSDA_LOAD_BYTES=8 DBSAM_MSDA_LOWP_ATOMICS=1 DBSAM_MSDA_FWD_BCAST=0 DBSAM_CA_VEC=1 DBSAM_CA_FUSED_GRAD=1 sanitizer memcheck _8B; }
 # racecheck: our CUDA kernels only (sanitize_case.py --cuda-only says why); the second pass with one
 # channel per thread in the adapter's kernels (their shared-memory row sums change with it).

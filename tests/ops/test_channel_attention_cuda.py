@@ -65,8 +65,9 @@ def _check_against_float64(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_channels_per_thread(shape, dtype, vec, monkeypatch):
     """DBSAM_CA_VEC (read at every call): 1, 2 or 4 channels per thread in the [B,H,W,C] kernels (the
-    default is 8 bytes per thread), or the widest that divides C (30: 2; C odd would be 1). Same tolerances as the default layout; the
-    kernels themselves are also checked on the CPU, under emulation (tests/cpp/test_ca_kernels.cpp)."""
+    default is 8 bytes per thread), or the widest that divides C (30: 2; C odd would be 1). Same
+    tolerances as the default layout; the kernels themselves are also checked on the CPU, under
+    emulation (tests/cpp/test_ca_kernels.cpp)."""
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
     tol = _check_against_float64(shape, dtype)
     # An input view whose offset breaks the wider alignment still runs (falls back to VEC = 1).

@@ -238,9 +238,9 @@ print("ok")
 def test_kernel_variants(knob, setting):
     # The kernels read their A/B variables (sample order; 8- or 16-byte loads for fp16/bf16 in both
     # directions, where the default is 16 forward and 8 backward; FWD_BCAST=0: the forward whose
-    # every lane locates its point, where the default locates it once per group) once per process: run each setting in a fresh one. Parity and the clean
-    # exit are asserted apart, so a failure says which of the two broke (the exit-time abort:
-    # benchmarks/NOTES.md sections 8-9).
+    # every lane locates its point, where the default locates it once per group) once per process:
+    # run each setting in a fresh one. Parity and the clean exit are asserted apart, so a failure says
+    # which of the two broke (the exit-time abort: benchmarks/NOTES.md sections 8-9).
     res = _run_fresh(_ORDER_SCRIPT, **{knob: setting})
     assert "ok" in res.stdout, "parity failed:\n" + res.stdout[-2000:] + res.stderr[-4000:]
     assert res.returncode == 0, ("parity held, but the process then exited with status "
