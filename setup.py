@@ -65,7 +65,7 @@ def nvidia_wheel_includes() -> list:
 
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/ops.cpp") + rel("csrc/*/cpu.cpp")
+    sources = rel("csrc/ops.cpp") + rel("csrc/*/cpu.cpp") + rel("csrc/*/autograd.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx = ["-O3", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3"]
     define_macros = []

@@ -1,6 +1,7 @@
 // Every schema of the dbsam namespace, declared once. Kernels register per dispatch key next to
-// their sources (ms_deform_attn/cpu.cpp, ms_deform_attn/cuda.cu, ...); fake kernels and autograd
-// are registered from Python (dbsam/ops/*/op.py).
+// their sources (ms_deform_attn/cpu.cpp, ms_deform_attn/cuda.cu, ...), the autograd of each forward
+// op too (*/autograd.cpp, C++ for the host time it saves); fake kernels are registered from Python
+// (dbsam/ops/*/op.py).
 #include <Python.h>
 #include <torch/library.h>
 

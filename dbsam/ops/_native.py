@@ -30,3 +30,8 @@ def backend_reason(backend: str, device) -> str:
     if device.type != backend:
         return f"the {backend} backend runs {backend.upper()} tensors only"
     return native_reason(device.type)
+
+
+def has_cpp_autograd(qualname: str) -> bool:
+    """Whether the native op `qualname` has its autograd kernel in dbsam._C (csrc/*/autograd.cpp)."""
+    return HAS_NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")

@@ -228,6 +228,30 @@ def test_backward_makes_no_zero_grads_for_saved_outputs(backend, triton_interpre
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@needs_native
+def test_native_autograd_is_cpp_and_returns_only_the_grads_asked_for():
+    """The native op's autograd is the C++ node (csrc/channel_attention/autograd.cpp), not a Python
+    formula; it gives a gradient exactly where an input needs one, the same one the full backward
+    gives, and records nothing for inference."""
+    assert _native.has_cpp_autograd("dbsam::channel_attention_forward")
+    x, ws = make_inputs(2, 5, 3, 8, 2)
+    y, full = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for wanted in ([0], [3], [1, 6]):  # x alone, the DW weight alone, the LN weight and the 1x1 weight
+        ts = [t.detach().requires_grad_(i in wanted) for i, t in enumerate([x, *ws])]
+        out = channel_attention(*ts, backend="cpu")
+        assert "ChannelAttentionFunction" in out.grad_fn.name()
+        out.backward(gy)
+        for i, t in enumerate(ts):
+            if i in wanted:
+                assert torch.equal(t.grad, full[i]), i
+            else:
+                assert t.grad is None, i
+    with torch.no_grad():
+        assert channel_attention(x.requires_grad_(), *ws, backend="cpu").grad_fn is None
+    assert channel_attention(x.detach(), *ws, backend="cpu").grad_fn is None  # nothing needs a grad
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         channel_attention(**_args(), backend="nope")

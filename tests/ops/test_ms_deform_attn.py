@@ -376,6 +376,31 @@ def test_direct_op_call_checks_levels():
 # ----------------------------------------------------------------------------------------------
 # Dispatch.
 
+@needs_native
+def test_native_autograd_is_cpp_and_returns_only_the_grads_asked_for():
+    """The native op's autograd is the C++ node (csrc/ms_deform_attn/autograd.cpp), not a Python
+    formula; it gives a gradient exactly where an input needs one, the same one the full backward
+    gives, and records nothing for inference."""
+    assert _native.has_cpp_autograd("dbsam::ms_deform_attn_forward")
+    inputs = make_inputs(2, 5, 2, 8, LEVELS, 2)
+    out, *full = run_with_grads("cpu", inputs)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for wanted in ([0], [3], [4], [3, 4]):  # value, locations, weights
+        ts = [t.detach().requires_grad_(i in wanted) if t.is_floating_point() else t for i, t in enumerate(inputs)]
+        y = ms_deform_attn(*ts, backend="cpu")
+        assert "MSDeformAttnFunction" in y.grad_fn.name()
+        y.backward(gout)
+        for i, g in zip((0, 3, 4), full):
+            if i in wanted:
+                assert torch.equal(ts[i].grad, g), i
+            else:
+                assert ts[i].grad is None, i
+    value, spatial, starts, loc, attn = inputs
+    with torch.no_grad():
+        assert ms_deform_attn(value.requires_grad_(), spatial, starts, loc, attn, backend="cpu").grad_fn is None
+    assert ms_deform_attn(value.detach(), spatial, starts, loc, attn, backend="cpu").grad_fn is None
+
+
 def test_use_backend_forces_and_restores():
     args = _good()
     with ops.use_backend("reference"):

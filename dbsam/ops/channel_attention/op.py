@@ -1,9 +1,9 @@
 """channel_attention: input validation, the torch.library glue (fake kernels, autograd) and dispatch.
 
 The native schemas `dbsam::channel_attention_forward/backward` are declared in csrc/ops.cpp with CPU
-and CUDA kernels (csrc/channel_attention/); the Triton backend registers its own pair of ops
-(triton.py) through `register_autograd_for` below, so every backend shares one fake kernel and one
-autograd formula. The reference backend is plain PyTorch (autograd by PyTorch itself).
+and CUDA kernels and their autograd (csrc/channel_attention/; autograd.cpp says why it is C++); the
+Triton backend registers its own pair of ops (triton.py) and gets the same formula, in Python, from
+`register_autograd_for` below. Every backend shares one fake kernel. The reference backend is plain PyTorch (autograd by PyTorch itself).
 
 Forward ops return (y, mean, rstd, pooled, pre): the LN statistics [B, H, W] and the SE input [B, C],
 in float32 (float64 for a float64 x), and the depthwise conv's output pre [B, H, W, C] in x's dtype.
@@ -131,7 +131,10 @@ HAS_NATIVE_OP = _native.HAS_NATIVE and _has_native_op()
 if HAS_NATIVE_OP:
     torch.library.register_fake("dbsam::channel_attention_forward")(fake_forward)
     torch.library.register_fake("dbsam::channel_attention_backward")(fake_backward)
-    register_autograd_for("dbsam::channel_attention_forward", torch.ops.dbsam.channel_attention_backward)
+    # The native op's autograd is C++ (csrc/channel_attention/autograd.cpp: the same formula without
+    # ~80 us of Python per step); a dbsam._C built before that file gets this one.
+    if not _native.has_cpp_autograd("dbsam::channel_attention_forward"):
+        register_autograd_for("dbsam::channel_attention_forward", torch.ops.dbsam.channel_attention_backward)
 
 
 # ----------------------------------------------------------------------------------------------

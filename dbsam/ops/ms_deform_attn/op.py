@@ -1,8 +1,9 @@
 """ms_deform_attn: input validation, the torch.library glue (fake kernels, autograd) and dispatch.
 
 The native schemas `dbsam::ms_deform_attn_forward/backward` are declared in csrc/ops.cpp with CPU and
-CUDA kernels; the Triton backend registers its own pair of ops (triton.py) through
-`register_autograd_for` below, so every backend shares one fake kernel and one autograd formula.
+CUDA kernels and their autograd (csrc/ms_deform_attn/; autograd.cpp says why it is C++); the Triton
+backend registers its own pair of ops (triton.py) and gets the same formula, in Python, from
+`register_autograd_for` below. Every backend shares one fake kernel.
 """
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -155,7 +156,10 @@ def register_autograd_for(forward_op: str, backward: Callable) -> None:
 if _native.HAS_NATIVE:
     torch.library.register_fake("dbsam::ms_deform_attn_forward")(fake_forward)
     torch.library.register_fake("dbsam::ms_deform_attn_backward")(fake_backward)
-    register_autograd_for("dbsam::ms_deform_attn_forward", torch.ops.dbsam.ms_deform_attn_backward)
+    # The native op's autograd is C++ (csrc/ms_deform_attn/autograd.cpp: the same formula without the
+    # Python per step); a dbsam._C built before that file gets this one.
+    if not _native.has_cpp_autograd("dbsam::ms_deform_attn_forward"):
+        register_autograd_for("dbsam::ms_deform_attn_forward", torch.ops.dbsam.ms_deform_attn_backward)
 
 
 # ----------------------------------------------------------------------------------------------
