@@ -16,9 +16,11 @@ The leading suspect since session 4 is upstream: the discussion of pytorch/pytor
 2026) traces a crash to autograd worker threads that release Python objects (a GraphTask's) while
 the interpreter finalizes; the release takes the GIL, the thread is pthread_exit-ed and its forced
 unwind through C++ frames ends in std::terminate, "terminate called without an active exception".
-Our ops' autograd formulas are Python (torch.library.register_autograd), so their graphs hold Python
-objects. If `full` aborts now and then and `drained` never does, that is the race, and draining
-before exit is the workaround (the CUDA variant tests' children drain).
+Our ops' autograd formulas were Python (torch.library.register_autograd) when runs 3 and 4 aborted,
+so their graphs held Python objects. Since 2026-12-03 the native ops' autograd is C++
+(csrc/*/autograd.cpp) and their graphs hold none; the Triton ops' formulas are still Python. If
+`full` aborts now and then and `drained` never does, that is the race, and draining before exit is
+the workaround (the CUDA variant tests' children drain).
 
     python benchmarks/exit_probe.py [--runs 10] [--device cuda|cpu]
 

@@ -1,11 +1,12 @@
 // Autograd of the native channel_attention_forward op (CPU and CUDA kernels alike), in C++.
 //
 // Why not torch.library.register_autograd, as the Triton backend's ops do (dbsam/ops/channel_attention/
-// op.py): the Python formula costs the host ~80 us per forward+backward on the dev machine's CPU
-// (2026-12-03, 1x2x2x8, one thread: 385 against 305 us; the kernels themselves 207), on an op whose
-// H100 figures are host-bound at B = 1 and half host at B = 8 (benchmarks/NOTES.md sections 12 and
-// 14). Here the backward runs on the autograd engine's thread without taking the GIL. The formula is
-// the same call: the backward op on the saved tensors, a gradient only where an input needs one.
+// op.py): the Python formula cost the host 60-130 us per forward+backward of the module on the dev
+// machine's CPU (2026-12-03, 1x2x2x8, one thread: ~440-525 against ~380-390 us; the two ops'
+// kernels ~207), on an op whose H100 figures are host-bound at B = 1 and half host at B = 8
+// (benchmarks/NOTES.md sections 12 and 14). Here the backward runs on the autograd engine's thread
+// without taking the GIL. The formula is the same call: the backward op on the saved tensors, a
+// gradient only where an input needs one.
 // Fake kernels stay in Python (register_fake), and both ops are reached through the dispatcher, so
 // torch.compile traces the forward and the backward op as before (opcheck and the compile tests).
 #include <ATen/core/dispatch/Dispatcher.h>

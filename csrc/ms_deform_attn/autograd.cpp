@@ -1,8 +1,9 @@
 // Autograd of the native ms_deform_attn_forward op (CPU and CUDA kernels alike), in C++.
 //
 // Why not torch.library.register_autograd, as the Triton backend's op does (dbsam/ops/ms_deform_attn/
-// op.py): the Python formula was most of the op's host time at small shapes (the dev machine's CPU,
-// 2026-12-03, benchmarks/NOTES.md section 14), and the H100 runs timed the op host-bound at N = 1.
+// op.py): the Python formula was a third of the op's forward+backward host time at a small shape
+// (the dev machine's CPU, 2026-12-03: 50 against 33 us; benchmarks/NOTES.md section 14), and the H100
+// runs timed the op host-bound at N = 1.
 // Here the backward runs on the autograd engine's thread without taking the GIL. The formula is the
 // same call: the backward op on the saved inputs, a gradient only where an input needs one. Fake
 // kernels stay in Python (register_fake); both ops are reached through the dispatcher, so

@@ -3,7 +3,8 @@
 The native schemas `dbsam::channel_attention_forward/backward` are declared in csrc/ops.cpp with CPU
 and CUDA kernels and their autograd (csrc/channel_attention/; autograd.cpp says why it is C++); the
 Triton backend registers its own pair of ops (triton.py) and gets the same formula, in Python, from
-`register_autograd_for` below. Every backend shares one fake kernel. The reference backend is plain PyTorch (autograd by PyTorch itself).
+`register_autograd_for` below. Every backend shares one fake kernel. The reference backend is plain
+PyTorch (autograd by PyTorch itself).
 
 Forward ops return (y, mean, rstd, pooled, pre): the LN statistics [B, H, W] and the SE input [B, C],
 in float32 (float64 for a float64 x), and the depthwise conv's output pre [B, H, W, C] in x's dtype.
