@@ -19,7 +19,7 @@ def rows_of(data):
     for b in data.get("benchmarks", []):
         params = b.get("params") or {}
         name = b.get("name", "?")
-        backend = str(params.get("backend", params.get("impl", name)))
+        backend = str(params.get("backend", params.get("impl", params.get("path", name))))
         group = b.get("group")
         if not group:  # e.g. test_channel_attention[8x64x64x768-bfloat16-fwd-cuda]: drop the backend id
             group = name[:-len(backend) - 2] + "]" if name.endswith(f"-{backend}]") else name

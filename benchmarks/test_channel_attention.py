@@ -10,7 +10,8 @@ DBSAM_CA_ROWS, where the default is 1; the fused grad with rows, `cuda_fusedgrad
 eager PyTorch written NCHW as the original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager
 channels-last (the reference composition), and torch.compile(mode="max-autotune") of the eager
 composition (compiles once per shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file
-runs in about a minute, most of it torch.compile.
+runs in about a minute, most of it torch.compile. Both: `test_host_overhead`, fwd+bwd at a 1x2x2x8 map
+through the module and through the raw native ops (the layers around the kernels).
 
 Each benchmark records in extra_info the activation memory saved for backward (bytes of the unique
 tensors packed by autograd, measured with torch.autograd.graph.saved_tensors_hooks, excluding the
@@ -199,4 +200,38 @@ def test_channel_attention(benchmark, shape, dtype, mode, impl, monkeypatch):
     run()  # first call: compilation / autotuning outside the timed rounds
     rounds = 20 if ON_GPU else 5
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=3 if ON_GPU else 1, iterations=1)
+    record_host_time(benchmark, work)
+
+
+@pytest.mark.parametrize("path", ["module", "raw_ops"])
+def test_host_overhead(benchmark, path):
+    """What the layers around the kernels cost: fwd+bwd (every grad, accumulated) at a 1x2x2x8 map,
+    where the kernels do next to nothing, through `ChannelAttention` (validation, dispatch, autograd)
+    and through the two native ops called directly under no_grad. Their difference is the Python and
+    autograd layers (benchmarks/NOTES.md section 14: the op's autograd moved to C++ on 2026-12-03)."""
+    backend = "cuda" if ON_GPU else "cpu"
+    reason = _backends.why_not("channel_attention", backend, torch.device(DEVICE))
+    if reason:
+        pytest.skip(f"the native ops are needed: {reason}")
+    model = ChannelAttention(8).to(DEVICE)
+    x = torch.randn(1, 2, 2, 8, device=DEVICE, requires_grad=True)
+    gy = torch.randn_like(x)
+    ws = [model.norm.weight, model.norm.bias, model.dwconv.weight, model.se.fc1.weight, model.se.fc2.weight,
+          model.pwconv.weight]
+    if path == "module":
+        def work():
+            model(x).backward(gy)
+    else:
+        def work():
+            with torch.no_grad():
+                _y, *state = torch.ops.dbsam.channel_attention_forward(x, *ws, None, 1e-6)
+                torch.ops.dbsam.channel_attention_backward(gy, x, *ws, None, *state, 1e-6)
+
+    def run():
+        work()
+        _sync()
+
+    benchmark.group = "ca-host-overhead-1x2x2x8"
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=20)
     record_host_time(benchmark, work)

@@ -6,6 +6,8 @@ forward+backward; plus torch.compile of the reference and `deformops` (when inst
 Locations are drawn as a model makes them (reference point + per-head offsets, msda_inputs.py);
 rows marked `uniform` draw them uniformly over the map instead (no locality: the caches' worst case).
 CPU: the DB-SAM one-level shape at full size (N = 1, fp32 and bf16) and the others scaled down, fp32.
+Both: `test_host_overhead`, fwd+bwd of a tiny problem through the op and through the raw native ops
+(the layers around the kernels).
 
 Run: pytest benchmarks/ --benchmark-only   (add --benchmark-json=FILE to keep the figures)
 """
@@ -167,3 +169,41 @@ def test_forward_backward(benchmark, copy_bandwidth, backend, name, N, dtype, lo
     benchmark.pedantic(step, rounds=_rounds(value), warmup_rounds=1)
     record_host_time(benchmark, work)
     report_bandwidth(benchmark, floor_bytes(value, loc, attn, loc.shape[1], backward=True), copy_bandwidth)
+
+
+@pytest.mark.parametrize("path", ["op", "raw_ops"])
+def test_host_overhead(benchmark, path):
+    """What the layers around the kernels cost: fwd+bwd at a tiny problem (1 image, 5 queries, 2 heads
+    of 16 channels, two levels of 4x4 and 2x2, 2 points), where the kernels do next to nothing, through
+    `ms_deform_attn` (validation, dispatch, autograd) and through the two native ops called directly
+    under no_grad. Their difference is the Python and autograd layers (benchmarks/NOTES.md section 14:
+    the op's autograd moved to C++ on 2026-12-03)."""
+    backend = "cuda" if ON_GPU else "cpu"
+    reason = why_not("ms_deform_attn", backend, DEVICE)
+    if reason:
+        pytest.skip(f"the native ops are needed: {reason}")
+    g = torch.Generator().manual_seed(0)
+    spatial = torch.tensor([[4, 4], [2, 2]], device=DEVICE)
+    starts = torch.tensor([0, 16], device=DEVICE)
+    value = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE).requires_grad_()
+    loc = torch.rand(1, 5, 2, 2, 2, 2, generator=g).to(DEVICE).requires_grad_()
+    attn = torch.rand(1, 5, 2, 2, 2, generator=g).to(DEVICE).requires_grad_()
+    grad = torch.randn(1, 5, 32, generator=g).to(DEVICE)
+    if path == "op":
+        def work():
+            ms_deform_attn(value, spatial, starts, loc, attn).backward(grad)
+    else:
+        def work():
+            with torch.no_grad():
+                out = torch.ops.dbsam.ms_deform_attn_forward(value, spatial, starts, loc, attn)
+                torch.ops.dbsam.ms_deform_attn_backward(grad, value, spatial, starts, loc, attn)
+            return out
+
+    def run():
+        work()
+        sync()
+
+    benchmark.group = "msda-host-overhead-tiny"
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=20)
+    record_host_time(benchmark, work)
