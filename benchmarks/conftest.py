@@ -81,3 +81,16 @@ def record_host_time(benchmark, work, reps: int = 10) -> None:
     as host-bound)."""
     if ON_GPU:
         benchmark.extra_info["host_us"] = round(host_and_wall_us(work, reps)[0], 1)
+
+
+def bench_host_overhead(benchmark, work, group: str) -> None:
+    """The host-overhead rows (test_host_overhead in the op files): `work()` is a step whose kernels do
+    next to nothing, timed synchronised in many short iterations, with its host time beside it."""
+    def run():
+        work()
+        sync()
+
+    benchmark.group = group
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=20)
+    record_host_time(benchmark, work)

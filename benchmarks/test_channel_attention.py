@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
-from conftest import record_host_time
+from conftest import bench_host_overhead, record_host_time
 from saved_activations import saved_bytes
 
 from dbsam.ops import _backends
@@ -227,11 +227,4 @@ def test_host_overhead(benchmark, path):
                 _y, *state = torch.ops.dbsam.channel_attention_forward(x, *ws, None, 1e-6)
                 torch.ops.dbsam.channel_attention_backward(gy, x, *ws, None, *state, 1e-6)
 
-    def run():
-        work()
-        _sync()
-
-    benchmark.group = "ca-host-overhead-1x2x2x8"
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=20)
-    record_host_time(benchmark, work)
+    bench_host_overhead(benchmark, work, "ca-host-overhead-1x2x2x8")

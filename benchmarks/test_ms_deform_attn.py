@@ -19,7 +19,7 @@ import torch
 from dbsam.ops import ms_deform_attn, ms_deform_attn_reference
 from dbsam.ops._backends import why_not
 
-from conftest import DEVICE, ON_GPU, record_host_time, report_bandwidth, sync
+from conftest import DEVICE, ON_GPU, bench_host_overhead, record_host_time, report_bandwidth, sync
 from msda_inputs import case_inputs
 
 # name: (Lq, levels, M, D, P)
@@ -199,11 +199,4 @@ def test_host_overhead(benchmark, path):
                 torch.ops.dbsam.ms_deform_attn_backward(grad, value, spatial, starts, loc, attn)
             return out
 
-    def run():
-        work()
-        sync()
-
-    benchmark.group = "msda-host-overhead-tiny"
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=20)
-    record_host_time(benchmark, work)
+    bench_host_overhead(benchmark, work, "msda-host-overhead-tiny")
