@@ -285,7 +285,7 @@ step_report() {
 }
 
 export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_exit_probe step_profile step_ncu \
-  bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
+  goal_rows bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
 run_step info 30 0 bash -c step_info
