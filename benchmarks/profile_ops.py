@@ -87,9 +87,9 @@ def channel_attention_cases():
     knobs = {knob for variant in CUDA_VARIANTS.values() for knob in variant}
 
     def case(impl, shape, dtype):
-        # cuda_rows2 / cuda_rows4 / cuda_vec2_rows2 / cuda_fusedgrad_rows4: the CUDA op with 2 or 4
-        # output rows per thread in the DW kernels (the default is 1: the per-kernel times say whether
-        # dw_gelu and dw_backward gain, and what the fused grad costs with rows); the knobs
+        # cuda_rows1 / cuda_rows2 / cuda_rows4 / cuda_vec2_rows2 / cuda_fusedgrad_rows4: the CUDA op
+        # with 1, 2 or 4 output rows per thread in the DW kernels (default 2 in bf16, 1 in fp32: the
+        # per-kernel times say what dw_gelu and dw_backward gain, and what the fused grad costs); the knobs
         # (CUDA_VARIANTS) are read at every call, so they are set around the whole profile.
         for knob in knobs:
             os.environ.pop(knob, None)
@@ -107,8 +107,8 @@ def channel_attention_cases():
             os.environ.pop(knob, None)
 
     for dtype in (torch.bfloat16, torch.float32):
-        for impl in ("cuda", "cuda_rows2", "cuda_rows4", "cuda_vec2_rows2", "cuda_fusedgrad_rows4", "triton",
-                     "eager_nchw"):
+        for impl in ("cuda", "cuda_rows1", "cuda_rows2", "cuda_rows4", "cuda_vec2_rows2", "cuda_fusedgrad_rows4",
+                     "triton", "eager_nchw"):
             case(impl, (8, 64, 64, 768), dtype)
     # B = 1: run 3 timed every implementation there at about its B = 8 time (bf16 fwd+bwd: ours 1946
     # against 3365 us, eager NCHW 1896 against 1823), i.e. host-bound. Wall against the kernels' sum

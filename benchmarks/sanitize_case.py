@@ -82,7 +82,7 @@ def other_backends(dev, spatial, starts, S, L, g, cuda_only=False):
             continue
         # The CUDA op's DW kernels at 1, 2 and 4 output rows per thread (DBSAM_CA_ROWS, read per call):
         # H = 7 leaves a partial last tile of rows at 2 and 4.
-        for rows in ("", "2", "4") if backend == "cuda" else ("",):
+        for rows in ("1", "2", "4") if backend == "cuda" else ("",):
             os.environ.pop("DBSAM_CA_ROWS", None)
             if rows:
                 os.environ["DBSAM_CA_ROWS"] = rows

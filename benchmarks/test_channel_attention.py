@@ -5,8 +5,8 @@
 GPU: (B, 64, 64, C) for B in 1, 8 and C in 768 (ViT-B) and 1024 (ViT-L), bf16 and fp32, forward and
 forward+backward, for every available dbsam backend (and, at B = 8, the CUDA op's variants: 2 and 4
 channels per thread, `cuda_vec2`, `cuda_vec4`, DBSAM_CA_VEC, where the default is 8 bytes per thread;
-2 and 4 output rows per thread in the DW kernels, `cuda_rows2`, `cuda_rows4`, `cuda_vec2_rows2`,
-DBSAM_CA_ROWS, where the default is 1; the fused grad with rows, `cuda_fusedgrad_rows4`), against
+1, 2 and 4 output rows per thread in the DW kernels, `cuda_rows1`, `cuda_rows2`, `cuda_rows4`,
+`cuda_vec2_rows2`, DBSAM_CA_ROWS, where the default is 2 in bf16 and 1 in fp32; the fused grad with rows, `cuda_fusedgrad_rows4`), against
 eager PyTorch written NCHW as the original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager
 channels-last (the reference composition), and torch.compile(mode="max-autotune") of the eager
 composition (compiles once per shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file
@@ -96,14 +96,16 @@ def _backend_impls():
 # A/B rows of the CUDA op at B = 8 only: 2 or 4 channels per thread in its [B,H,W,C] kernels
 # (DBSAM_CA_VEC; the default, 8 bytes per thread, is one of them, and its `cuda` row beside that one
 # shows the run's spread; one channel per thread lost at every case of run 5); 2 or 4 output rows
-# per thread in the two DW kernels (DBSAM_CA_ROWS, written without a GPU, default 1; at bf16's VEC = 4
+# per thread in the two DW kernels (DBSAM_CA_ROWS; the default is 2 in bf16 since the H200 run of
+# 2026-12-03, 1 in fp32, and cuda_rows1 keeps the one-row kernel's row; at bf16's VEC = 4
 # the backward runs 2 and the forward at 4 rows keeps one block per SM, hence also 2 channels x 2
 # rows, two blocks in both kernels); and the grad at the DW output formed inside the transposed DW
 # (DBSAM_CA_FUSED_GRAD=1, which lost 3-8% in run 5 at one row per thread) with rows, where it
 # repeats less of its GELU' (benchmarks/NOTES.md 13).
 # Each variant is the CUDA op run with these knobs set (profile_ops.py uses the same table).
 CUDA_VARIANTS = {"cuda_vec2": {"DBSAM_CA_VEC": "2"}, "cuda_vec4": {"DBSAM_CA_VEC": "4"},
-                 "cuda_rows2": {"DBSAM_CA_ROWS": "2"}, "cuda_rows4": {"DBSAM_CA_ROWS": "4"},
+                 "cuda_rows1": {"DBSAM_CA_ROWS": "1"}, "cuda_rows2": {"DBSAM_CA_ROWS": "2"},
+                 "cuda_rows4": {"DBSAM_CA_ROWS": "4"},
                  "cuda_vec2_rows2": {"DBSAM_CA_VEC": "2", "DBSAM_CA_ROWS": "2"},
                  "cuda_fusedgrad_rows4": {"DBSAM_CA_FUSED_GRAD": "1", "DBSAM_CA_ROWS": "4"}}
 _no_cuda = _backends.why_not("channel_attention", "cuda", torch.device(DEVICE)) if ON_GPU else "needs a GPU"

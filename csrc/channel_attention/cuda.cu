@@ -7,7 +7,7 @@
 //                 to a 3 x (RT + 2) window walked along the rows ((RT + 2) / RT LN evaluations per
 //                 output), DW3x3 + GELU, u and the pre-activation pre written in x's dtype (pre is
 //                 saved for the backward) and the tile's channel sums reduced in shared memory into
-//                 rowsum[B, ceil(H / RT), C] (deterministic: no atomics). RT = 1 unless DBSAM_CA_ROWS.
+//                 rowsum[B, ceil(H / RT), C] (deterministic: no atomics). RT: pick_rows.
 //   the SE MLP    sum_rows (pooled means), then two small_mm launches, one warp per output, with the
 //                 GELU and the gate (sigmoid times the drop-path factor) fused as epilogues.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
@@ -115,17 +115,19 @@ bool fused_grad() {
   return e != nullptr && e[0] == '1' && e[1] == '\0';
 }
 
-// Output rows per thread of the two DW kernels (dw_gelu, dw_backward; kernels.cuh, RT): 1 by default,
-// the column walk measured on the H100; DBSAM_CA_ROWS=2|4 walks 2 or 4 rows at once, so that each new
-// window column costs (RT + 2) / RT loads and LN evaluations per output instead of 3. Written
-// 2026-11-27 without a GPU (CPU-checked under the emulation) from run 5's profile: dw_gelu and
-// dw_backward were 3-5x over their bytes' floor. Off until a GPU A/B says which is faster (the
-// benchmark's cuda_rows2/cuda_rows4 rows). Read at every call; double always runs 1 (its correctness
-// path). With DBSAM_CA_FUSED_GRAD=1 the transposed DW forms the grad at its input for (RT + 2) / RT
+// Output rows per thread of the two DW kernels (dw_gelu, dw_backward; kernels.cuh, RT): each new window
+// column costs (RT + 2) / RT loads and LN evaluations per output instead of 3 at RT = 1. Written
+// 2026-11-27 without a GPU from run 5's profile (dw_gelu and dw_backward 3-5x over their bytes'
+// floor). Default: 2 for bf16/fp16, 1 for fp32. On the H200 (2026-12-03,
+// results/h200_2026-12-03_f3c6a4b) RT = 2 made bf16 fwd+bwd 0.83x the RT = 1 time at 8x64x64x768 and
+// 0.89x at C = 1024 (forward 0.93x / 1.03x); fp32 fwd+bwd 0.98-0.99x, within the spread, so fp32
+// keeps the kernel measured longest. DBSAM_CA_ROWS=1|2|4 forces one (read at every call, for the A/B
+// rows and the tests); double always runs 1 (its correctness path). With DBSAM_CA_FUSED_GRAD=1 the transposed DW forms the grad at its input for (RT + 2) / RT
 // rows per output instead of 3: the GELU' it repeats, which made it lose at RT = 1, falls with RT.
 int pick_rows(size_t elem) {
+  if (elem >= 8) return 1;
   const int forced = env_width("DBSAM_CA_ROWS");
-  return elem >= 8 || forced == 0 ? 1 : forced;
+  return forced != 0 ? forced : (elem == 2 ? 2 : 1);
 }
 
 // f(std::integral_constant<int, N>) for a width N of 1, 2 or 4 picked at run time: the channels per

@@ -93,14 +93,14 @@ def test_cuda_fused_grad(shape, dtype, vec, rows, monkeypatch):
     _check_against_float64(shape, dtype)
 
 
-@pytest.mark.parametrize("rows", ["2", "4"])
+@pytest.mark.parametrize("rows", ["1", "2", "4"])
 @pytest.mark.parametrize("vec", ["1", "4"])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24, 6), (1, 5, 9, 32, 8), (3, 33, 17, 100, 25), (2, 64, 64, 768, 192)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_rows_per_thread(shape, dtype, vec, rows, monkeypatch):
-    """DBSAM_CA_ROWS (read at every call): 2 or 4 output rows per thread in dw_gelu and dw_backward
-    (the default is 1), with their row sums and weight-grad partials per tile of rows; H = 7, 5 and 33
+    """DBSAM_CA_ROWS (read at every call): 1, 2 or 4 output rows per thread in dw_gelu and dw_backward
+    (the default is 2 for bf16/fp16, 1 for fp32), with their row sums and weight-grad partials per tile of rows; H = 7, 5 and 33
     leave a partial last tile. Same tolerances as the default path; the kernels are also checked on the
     CPU under emulation (tests/cpp/test_ca_kernels.cpp) in every dtype, fp16's code path is bf16's."""
     monkeypatch.setenv("DBSAM_CA_ROWS", rows)
