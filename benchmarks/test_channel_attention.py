@@ -6,7 +6,8 @@ GPU: (B, 64, 64, C) for B in 1, 8 and C in 768 (ViT-B) and 1024 (ViT-L), bf16 an
 forward+backward, for every available dbsam backend (and, at B = 8, the CUDA op's variants: 2 and 4
 channels per thread, `cuda_vec2`, `cuda_vec4`, DBSAM_CA_VEC, where the default is 8 bytes per thread;
 1, 2 and 4 output rows per thread in the DW kernels, `cuda_rows1`, `cuda_rows2`, `cuda_rows4`,
-`cuda_vec2_rows2`, DBSAM_CA_ROWS, where the default is 2 in bf16 and 1 in fp32; the fused grad with rows, `cuda_fusedgrad_rows4`), against
+`cuda_vec2_rows2`, DBSAM_CA_ROWS, where the default is 2 in bf16 and 1 in fp32; the fused grad with
+rows, `cuda_fusedgrad_rows4`), against
 eager PyTorch written NCHW as the original code does (permutes, nn.Conv2d, AdaptiveAvgPool2d), eager
 channels-last (the reference composition), and torch.compile(mode="max-autotune") of the eager
 composition (compiles once per shape/dtype; slow: select with -k to skip it). CPU: scaled down to (1, 32, 32, 192) fp32 so the file

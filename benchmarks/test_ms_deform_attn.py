@@ -195,8 +195,7 @@ def test_host_overhead(benchmark, path):
     else:
         def work():
             with torch.no_grad():
-                out = torch.ops.dbsam.ms_deform_attn_forward(value, spatial, starts, loc, attn)
+                torch.ops.dbsam.ms_deform_attn_forward(value, spatial, starts, loc, attn)
                 torch.ops.dbsam.ms_deform_attn_backward(grad, value, spatial, starts, loc, attn)
-            return out
 
     bench_host_overhead(benchmark, work, "msda-host-overhead-tiny")

@@ -122,8 +122,9 @@ bool fused_grad() {
 // results/h200_2026-12-03_f3c6a4b) RT = 2 made bf16 fwd+bwd 0.83x the RT = 1 time at 8x64x64x768 and
 // 0.89x at C = 1024 (forward 0.93x / 1.03x); fp32 fwd+bwd 0.98-0.99x, within the spread, so fp32
 // keeps the kernel measured longest. DBSAM_CA_ROWS=1|2|4 forces one (read at every call, for the A/B
-// rows and the tests); double always runs 1 (its correctness path). With DBSAM_CA_FUSED_GRAD=1 the transposed DW forms the grad at its input for (RT + 2) / RT
-// rows per output instead of 3: the GELU' it repeats, which made it lose at RT = 1, falls with RT.
+// rows and the tests); double always runs 1 (its correctness path). With DBSAM_CA_FUSED_GRAD=1 the
+// transposed DW forms the grad at its input for (RT + 2) / RT rows per output instead of 3: the GELU'
+// it repeats, which made it lose at RT = 1, falls with RT.
 int pick_rows(size_t elem) {
   if (elem >= 8) return 1;
   const int forced = env_width("DBSAM_CA_ROWS");

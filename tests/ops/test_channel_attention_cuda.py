@@ -100,8 +100,8 @@ def test_cuda_fused_grad(shape, dtype, vec, rows, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_rows_per_thread(shape, dtype, vec, rows, monkeypatch):
     """DBSAM_CA_ROWS (read at every call): 1, 2 or 4 output rows per thread in dw_gelu and dw_backward
-    (the default is 2 for bf16/fp16, 1 for fp32), with their row sums and weight-grad partials per tile of rows; H = 7, 5 and 33
-    leave a partial last tile. Same tolerances as the default path; the kernels are also checked on the
+    (the default is 2 for bf16/fp16, 1 for fp32), with their row sums and weight-grad partials per
+    tile of rows; H = 7, 5 and 33 leave a partial last tile. Same tolerances as the default path; the kernels are also checked on the
     CPU under emulation (tests/cpp/test_ca_kernels.cpp) in every dtype, fp16's code path is bf16's."""
     monkeypatch.setenv("DBSAM_CA_ROWS", rows)
     monkeypatch.setenv("DBSAM_CA_VEC", vec)
