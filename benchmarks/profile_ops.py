@@ -60,21 +60,34 @@ def _profile(name, step, reps=5, top=12, gemm_shapes=False, host_ops=False):
         print_host_ops(step, reps)
 
 
-def print_host_ops(step, reps=5, top=15, sync=torch.cuda.synchronize):
+def print_host_ops(step, reps=5, top=15, sync=torch.cuda.synchronize, warm=3):
     """The CPU side of `reps` steps alone: self CPU time per step of each op and runtime call, the
-    largest first (the profiler's own cost inflates the total: read the shares)."""
-    from torch.profiler import ProfilerActivity, profile
+    largest first (the profiler's own cost inflates the total: read the shares). The first `warm` steps
+    inside the profiler are left out: the profiler's start-up lands on its first events (on the dev
+    CPU the adapter's first few forwards inside a session took 1.3-5x the steady ~115 us, 2026-12-04),
+    which put ~500 us of self time on ms_deform_attn_forward per step in run 6's table."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(reps):
-            step()
+        for _ in range(warm + reps):
+            with record_function("dbsam::profiled_step"):
+                step()
         sync()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events) / reps
+    events = prof.events()
+    steps = sorted(e.time_range.start for e in events if e.name == "dbsam::profiled_step")
+    start = steps[warm]
+    self_us, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.time_range.start >= start and e.name != "dbsam::profiled_step" and e.self_cpu_time_total > 0:
+            self_us[e.name] += e.self_cpu_time_total
+            count[e.name] += 1
+    total = sum(self_us.values()) / reps
     print(f"   [host] {total:9.1f} us of self CPU time per step under the profiler")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-        t = e.self_cpu_time_total / reps
-        print(f"   [host] {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{e.count // reps:<3d} {e.key[:90]}")
+    for name in sorted(self_us, key=lambda n: -self_us[n])[:top]:
+        t = self_us[name] / reps
+        print(f"   [host] {t:9.1f} us  {100 * t / max(total, 1e-9):5.1f}%  x{count[name] // reps:<3d} {name[:90]}")
 
 
 def channel_attention_cases():
