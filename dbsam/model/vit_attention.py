@@ -26,7 +26,7 @@ for q, k and v) and the padding sliced off.
 The class adds no parameter, so SAM's names and weights stay: `set_vit_attention` switches a model's
 blocks between the two implementations in place, at run time, as the op backends switch.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,36 +38,62 @@ from torch import nn
 HEAD_ALIGN = 8
 
 
+class RelPosTables(NamedTuple):
+    """What fold_rel_pos needs besides q and k, none of it depending on the tokens: SAM's gathered
+    rel-pos tables Rh (H, H, hd) and Rw (W, W, hd) in q's dtype, the key side's constant columns
+    (N, H + W + pad) (the one-hot rows of each key's kh and kw, then the zero padding) and the query
+    side's zero padding (1, 1, 1, pad), or None without padding."""
+    Rh: torch.Tensor
+    Rw: torch.Tensor
+    key_tail: torch.Tensor
+    q_pad: Optional[torch.Tensor]
+
+
+def rel_pos_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size, hd: int, dtype: torch.dtype,
+                   device: torch.device) -> RelPosTables:
+    H, W = size
+    Rh = get_rel_pos(H, H, rel_pos_h).to(dtype)              # (H, H, hd): [qh, kh, c]
+    Rw = get_rel_pos(W, W, rel_pos_w).to(dtype)              # (W, W, hd): [qw, kw, c]
+    pad = -(hd + H + W) % HEAD_ALIGN
+    # Key token n = kh * W + kw: its one-hot rows, then the padding.
+    onehot_h = torch.eye(H, dtype=dtype, device=device).repeat_interleave(W, dim=0)   # (N, H)
+    onehot_w = torch.eye(W, dtype=dtype, device=device).repeat(H, 1)                  # (N, W)
+    key_tail = F.pad(torch.cat([onehot_h, onehot_w], dim=-1), (0, pad))
+    q_pad = torch.zeros(1, 1, 1, pad, dtype=dtype, device=device) if pad else None
+    return RelPosTables(Rh, Rw, key_tail, q_pad)
+
+
 def fold_rel_pos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                 size, scale: float):
+                 size, scale: float, tables: Optional[RelPosTables] = None):
     """q, k (B, heads, H*W, hd) -> q', k' (B, heads, H*W, hd') with <q', k'> = SAM's scores with
     decomposed relative positions (and the softmax scale) included; hd' = hd + H + W rounded up to
-    HEAD_ALIGN, the padding zeros."""
+    HEAD_ALIGN, the padding zeros. `tables`: rel_pos_tables(rel_pos_h, rel_pos_w, size, hd, q's dtype,
+    q's device), made here when not given."""
     H, W = size
     B, heads, N, hd = q.shape
-    Rh = get_rel_pos(H, H, rel_pos_h).to(q.dtype)              # (H, H, hd): [qh, kh, c]
-    Rw = get_rel_pos(W, W, rel_pos_w).to(q.dtype)              # (W, W, hd): [qw, kw, c]
+    if tables is None:
+        tables = rel_pos_tables(rel_pos_h, rel_pos_w, size, hd, q.dtype, q.device)
     r_q = q.reshape(B, heads, H, W, hd)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh).reshape(B, heads, N, H)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw).reshape(B, heads, N, W)
-    # Key token n = kh * W + kw: its one-hot rows.
-    onehot_h = torch.eye(H, dtype=k.dtype, device=k.device).repeat_interleave(W, dim=0)   # (N, H)
-    onehot_w = torch.eye(W, dtype=k.dtype, device=k.device).repeat(H, 1)                  # (N, W)
-    pad = -(hd + H + W) % HEAD_ALIGN
-    q2 = F.pad(torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1), (0, pad))
-    keys = torch.cat([onehot_h, onehot_w], dim=-1).expand(B, heads, N, H + W)
-    k2 = F.pad(torch.cat([k, keys], dim=-1), (0, pad))
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, tables.Rh).reshape(B, heads, N, H)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, tables.Rw).reshape(B, heads, N, W)
+    # One cat a side, the constant columns broadcast into it (no separate pad pass over q' or k').
+    q_parts = [q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)]
+    if tables.q_pad is not None:
+        q_parts.append(tables.q_pad.expand(B, heads, N, -1))
+    q2 = torch.cat(q_parts, dim=-1)
+    k2 = torch.cat([k, tables.key_tail.to(k.dtype).expand(B, heads, N, -1)], dim=-1)
     return q2, k2
 
 
 def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
-                      rel_pos_w: torch.Tensor, size, scale: float, pad_value: Optional[bool] = None) -> torch.Tensor:
+                      rel_pos_w: torch.Tensor, size, scale: float, pad_value: Optional[bool] = None,
+                      tables: Optional[RelPosTables] = None) -> torch.Tensor:
     """SAM's attention with decomposed relative positions on q, k, v (B, heads, H*W, hd) -> (B, heads,
     H*W, hd), through F.scaled_dot_product_attention. pad_value: widen v to q's width with zeros
     (None: on CPUs only, whose flash kernel takes one width for q, k and v; CUDA's memory-efficient
-    kernel takes a narrower v, which saves 2/3 of the second matmul at ViT-B)."""
+    kernel takes a narrower v, which saves 2/3 of the second matmul at ViT-B); tables: see fold_rel_pos."""
     hd = v.shape[-1]
-    q, k = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale)
+    q, k = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale, tables)
     if pad_value if pad_value is not None else not v.is_cuda:
         v = F.pad(v, (0, q.shape[-1] - hd))
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :hd]
@@ -80,10 +106,37 @@ class SDPARelPosAttention(Attention):
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos:
-            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale)
+            tables = self._cached_tables((H, W), q)
+            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), self.scale, tables=tables)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))   # (B, heads, N, hd) -> (B, H, W, C)
+
+    def _cached_tables(self, size, q: torch.Tensor) -> Optional[RelPosTables]:
+        """rel_pos_tables for this call, kept from the last call while they cannot have changed.
+
+        Why: they take ~40 of the ~90 ops this forward dispatches (SAM's two gathers, the one-hot key
+        columns, casts, pads), the same every step; a DB-SAM training step dispatches ~7000 ops, and
+        the GPU machine's host was measured at ~10-30 us an op, the bf16 batch 1-2 steps host-bound
+        (benchmarks/NOTES.md section 16). Kept only where nothing can notice: the tables need no
+        gradient (frozen ViT, or no grad mode), not while torch.compile traces (it folds them itself),
+        and keyed on the rel-pos parameters' storage and version counters (an optimiser step, a
+        load_state_dict or a .to() makes new ones) and on the shape, dtype and device of q."""
+        h, w = self.rel_pos_h, self.rel_pos_w
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)):
+            return None
+        try:
+            key = (size, q.shape[-1], q.dtype, q.device, h.data_ptr(), h._version, w.data_ptr(), w._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+        cached = getattr(self, "_rel_pos_tables", None)
+        # The parameters themselves are held with the tables, so that a replaced one (a new tensor, its
+        # version counter starting again) cannot take the old one's address while the key names it.
+        if cached is None or cached[0] != key or cached[2] is not h or cached[3] is not w:
+            with torch.no_grad():
+                cached = (key, rel_pos_tables(h, w, size, q.shape[-1], q.dtype, q.device), h, w)
+            self._rel_pos_tables = cached
+        return cached[1]
 
 
 ATTENTION_CLASSES = {"sam": Attention, "sdpa": SDPARelPosAttention}

@@ -142,9 +142,45 @@ def test_model_switches_at_run_time(tiny, tiny_batch):
         torch.testing.assert_close(results["sdpa"][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
-def test_compiles_in_one_graph():
+def test_frozen_tables_are_kept_and_follow_the_parameters():
+    """A frozen attention (DB-SAM's ViT) keeps its rel-pos tables between calls and makes new ones
+    when a parameter changes in place (an optimiser step, load_state_dict) or q's dtype changes; the
+    result stays SAM's throughout."""
+    attn = set_vit_attention(sam_attention().requires_grad_(False), "sdpa")
+    x = torch.randn(2, 6, 5, 32, dtype=torch.float64)
+    attn(x)
+    tables = attn._rel_pos_tables
+    attn(x)
+    assert attn._rel_pos_tables is tables
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+    out = attn(x)
+    assert attn._rel_pos_tables is not tables
+    torch.testing.assert_close(out, set_vit_attention(attn, "sam")(x), rtol=1e-10, atol=1e-12)
+    state = {k: torch.randn_like(v) for k, v in attn.state_dict().items()}
+    attn.load_state_dict(state)
+    out = set_vit_attention(attn, "sdpa")(x)
+    torch.testing.assert_close(out, set_vit_attention(attn, "sam")(x), rtol=1e-10, atol=1e-12)
+    set_vit_attention(attn, "sdpa")
+    attn.rel_pos_w = torch.nn.Parameter(torch.randn_like(attn.rel_pos_w), requires_grad=False)
+    out = attn(x)
+    torch.testing.assert_close(out, set_vit_attention(attn, "sam")(x), rtol=1e-10, atol=1e-12)
+    attn32 = set_vit_attention(attn.float(), "sdpa")
+    out32 = attn32(x.float())
+    assert attn32._rel_pos_tables[1].Rh.dtype == torch.float32
+    torch.testing.assert_close(out32, set_vit_attention(attn32, "sam")(x.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_tables_needing_a_gradient_are_never_kept():
+    attn = set_vit_attention(sam_attention(), "sdpa")
+    attn(torch.randn(2, 6, 5, 32, dtype=torch.float64))
+    assert getattr(attn, "_rel_pos_tables", None) is None
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_compiles_in_one_graph(frozen):
     torch._dynamo.reset()
-    attn = set_vit_attention(sam_attention(dtype=torch.float32), "sdpa")
+    attn = set_vit_attention(sam_attention(dtype=torch.float32).requires_grad_(not frozen), "sdpa")
     x = torch.randn(2, 6, 5, 32, requires_grad=True)
     compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
     out = compiled(x)
