@@ -61,8 +61,10 @@ def main(argv) -> int:
     # left_MiB: device memory a model row left allocated (test_model.py's guard; run 5's leak grew
     # every later row's peak, and a non-zero figure here says a peak is not the row's own).
     with_left = any("left_behind_MiB" in r["extra"] for r in rows)
+    # ops: ATen ops a model training step dispatches (op_count.py), each a dispatch on the host.
+    with_ops = any("aten_ops_per_step" in r["extra"] for r in rows)
     mem_head = (f" {'peak_MiB':>9} {'mem/ref':>7} {'saved_MiB':>9}" if with_mem else "") + (
-        f" {'left_MiB':>8}" if with_left else "")
+        f" {'left_MiB':>8}" if with_left else "") + (f" {'ops':>6}" if with_ops else "")
     print(f"{'group':52} {'backend':18} {'median_us':>10} {'vs_ref':>7} {'GB/s':>8} {'%copy':>6} {'host_us':>8}"
           + mem_head)
     for r in sorted(rows, key=lambda r: (r["group"], r["median"] or float("inf"))):
@@ -80,6 +82,8 @@ def main(argv) -> int:
             mem = f" {peak if peak else '-'!s:>9} {ratio:>7} {saved!s:>9}"
         if with_left:
             mem += f" {r['extra'].get('left_behind_MiB', '-')!s:>8}"
+        if with_ops:
+            mem += f" {r['extra'].get('aten_ops_per_step', '-')!s:>6}"
         print(f"{r['group'][:52]:52} {r['backend'][:18]:18} {us:>10} {speed:>7} {gbps!s:>8} {pct!s:>6} {host!s:>8}"
               + mem)
     ab_table(rows)

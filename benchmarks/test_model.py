@@ -26,6 +26,8 @@ import torch
 pytest.importorskip("segment_anything")
 
 import dbsam.ops  # noqa: E402
+from conftest import host_and_wall_us  # noqa: E402
+from op_count import aten_ops  # noqa: E402
 from saved_activations import model_saved_bytes  # noqa: E402
 from dbsam.model import build_dbsam  # noqa: E402
 
@@ -129,6 +131,15 @@ def bench(benchmark, model, batch: int, mode: str, row: str, device: torch.devic
     if mode == "train" and not grad_checkpointing:  # after the peak window: one more forward
         saved = model_saved_bytes(model, images, boxes, backend, attention, dtype)
         benchmark.extra_info["saved_for_backward_MiB"] = round(saved / 2**20, 1)
+    with dbsam.ops.use_backend(backend):
+        if device.type == "cuda" and batch <= 2:
+            # Host time of a step (until it returns, its launches queued) against the row's median:
+            # near it, the step is host-bound (run 6: batch 1 bf16 94 ms, batch 2 108, batch 4 190).
+            benchmark.extra_info["host_us"] = round(host_and_wall_us(step, reps=3)[0], 1)
+        if mode == "train" and not grad_checkpointing:
+            # ATen ops a step dispatches (op_count.py), optimiser included: each a dispatch on the host.
+            benchmark.extra_info["aten_ops_per_step"] = sum(aten_ops(step).values())
+    model.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -218,6 +218,17 @@ def test_gpu_report_shows_what_a_row_left_behind(tmp_path):
     assert ref_row.split()[-1] == "12653.2" and "0.38x" not in ref_row and "1.00x" in ref_row
 
 
+def test_gpu_report_shows_host_time_and_op_counts(tmp_path):
+    # test_model.py records a step's host time and its ATen op count (op_count.py) in extra_info.
+    rows = [{"name": "t", "group": "vit_b train step batch 2 bf16", "params": {"backend": b},
+             "stats": {"median": m}, "extra_info": {"host_us": host, "aten_ops_per_step": ops}}
+            for b, m, host, ops in (("auto", 0.1, 93000.0, 6763), ("reference", 0.16, 98000.0, 7151))]
+    lines = _gpu_report(tmp_path, rows)
+    assert lines[1].split()[-2:] == ["host_us", "ops"]
+    auto = next(line for line in lines if " auto " in line).split()
+    assert auto[-2:] == ["93000.0", "6763"]
+
+
 def test_gpu_report_ab_table_of_the_variants(tmp_path):
     # The A/B rows (cuda_<variant>) against the default cuda row of each group, as time ratios.
     def row(impl, median):
