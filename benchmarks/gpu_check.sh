@@ -21,6 +21,8 @@
 # The diagnostics (GPU_CHECK_MODE=full adds them, after the check):
 #   profile    benchmarks/profile_ops.py: per-kernel CUDA time of one fwd+bwd of each op, ours and the
 #              peers', with host and wall time (~40 s)
+#   profile_model  benchmarks/profile_model.py: #6's training step (ViT-B, bf16, batch 2; fast path and
+#              reference) by kernel kind, launches, host and wall time (~60 s, mostly building ViT-B)
 #   ncu        Nsight Compute sections of each op's kernels, benchmarks/ncu_case.py (~20 s)
 #   ab         benchmarks/ab_order.py: the MSDA kernels' A/B knobs and the deterministic backward (~65 s)
 #   exit_probe benchmarks/exit_probe.py: how many short processes that ran our ops abort at
@@ -50,7 +52,7 @@ fi
 REPORT_RESERVE_S=15
 SKIP=" ${GPU_CHECK_SKIP:-} "
 MODE=${GPU_CHECK_MODE:-core}
-DIAGNOSTICS=" profile ncu ab exit_probe bench_slow "
+DIAGNOSTICS=" profile profile_model ncu ab exit_probe bench_slow "
 case "$MODE" in core|full) ;; *) echo "GPU_CHECK_MODE must be core or full, got '$MODE'" >&2; exit 2 ;; esac
 # The check fits 8 minutes; the diagnostics add about as much again (a lent machine's call caps at
 # 10 minutes: set GPU_CHECK_BUDGET_S there).
@@ -232,6 +234,7 @@ step_racecheck() { sanitizer racecheck "" --cuda-only && DBSAM_CA_VEC=1 DBSAM_CA
 step_ab() { "$PYTHON" benchmarks/ab_order.py; }
 step_exit_probe() { "$PYTHON" benchmarks/exit_probe.py --runs 4; }
 step_profile() { "$PYTHON" benchmarks/profile_ops.py; }
+step_profile_model() { "$PYTHON" benchmarks/profile_model.py; }
 # Nsight Compute on one fwd+bwd of each op's own kernels (benchmarks/ncu_case.py): throughput, stall
 # reasons, occupancy. --clock-control none: the card's clocks stay as they are.
 step_ncu() {
@@ -284,7 +287,7 @@ step_report() {
   "$PYTHON" benchmarks/goals.py "$OUT"/bench_*.json  # each issue's goal: holds, misses, not measured
 }
 
-export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_exit_probe step_profile step_ncu \
+export -f xdist step_info step_build step_ptxas step_tests_cuda step_tests sanitizer step_memcheck step_racecheck step_ab step_exit_probe step_profile step_profile_model step_ncu \
   goal_rows bench step_bench_msda step_bench_ca step_bench_model step_bench_slow step_report
 export HAVE_GPU GPU_WHY PYTHON OUT
 
@@ -299,6 +302,7 @@ TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 80 1 bash -c step_bench_ca
 TAIL_LINES=5 run_step bench_model 180 1 bash -c step_bench_model
 TAIL_LINES=60 run_step profile 60 1 bash -c step_profile
+TAIL_LINES=50 run_step profile_model 100 1 bash -c step_profile_model
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
 TAIL_LINES=12 run_step ab 110 1 bash -c step_ab
 TAIL_LINES=5 run_step exit_probe 130 1 bash -c step_exit_probe

@@ -13,7 +13,7 @@ from _paths import REPO, import_from
 
 
 CHECK_GPU_STEPS = ["tests_cuda", "memcheck", "racecheck", "bench_msda", "bench_ca", "bench_model"]
-DIAGNOSTIC_STEPS = ["profile", "ncu", "ab", "exit_probe", "bench_slow"]
+DIAGNOSTIC_STEPS = ["profile", "profile_model", "ncu", "ab", "exit_probe", "bench_slow"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
@@ -193,6 +193,29 @@ def test_profile_ops_host_table_on_the_cpu(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "[host]" in line]
     assert "self CPU time per step" in lines[0]
     assert any("aten::mm" in line for line in lines[1:]), lines
+
+
+def test_profile_model_kinds_and_cpu_table():
+    # Kernel names as run 6's profile printed them (H200, CUDA 13, torch 2.11, Triton 3.6).
+    kind_of = import_from("benchmarks", "profile_model").kind_of
+    names = {"void dbsam::ca::dw_backward_kernel<c10::BFloat16, float, 4, false, 2>(float const*)": "dbsam ops",
+             "_msda_bwd_kernel": "dbsam ops",
+             "nvjet_sm90_tst_256x128_64x4_1x2_h_badd_coopA_TNT": "gemm",
+             "void cutlass::Kernel2<cutlass_80_simt_sgemm_256x128_8x4_nn_align1>(cutlass_80_simt)": "gemm",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>": "normalisation",
+             "void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>>": "copy / cat / pad",
+             "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<>>": "elementwise",
+             "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<4>>": "optimizer",
+             "dgrad2d_c1_k1_nhwc_specialized": "convolution", "aten::mm": "gemm"}
+    assert {n: kind_of(n) for n in names} == names
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_model.py"), "--rows", "auto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("== tiny train step batch 2 bfloat16 auto"), lines[:3]
+    assert "CPU ops (self time) per step" in lines[1] and any(" dbsam ops " in line for line in lines)
 
 
 def _gpu_report(tmp_path, rows):
