@@ -96,6 +96,16 @@ def other_backends(dev, spatial, starts, S, L, g, cuda_only=False):
                 assert all(torch.isfinite(t.double()).all() for t in (y, *grads))
                 print(f"ok {backend} channel_attention dtype={dt} rows={rows or 'default'}")
             os.environ.pop("DBSAM_CA_ROWS", None)
+        # A float32 x under bf16 autocast: the branch alone (residual=False: no copy of x, the GEMM's
+        # beta 0, no grad_y in ln_backward), then the float32 residual.
+        mod = ChannelAttention(24).to(dev)
+        x = torch.randn(2, 7, 5, 24, generator=g).to(dev).requires_grad_()
+        with use_backend(backend), torch.autocast(dev.type, dtype=torch.bfloat16):
+            y = mod(x)
+            grads = torch.autograd.grad(y, (x, *mod.parameters()), torch.randn_like(y))
+        torch.cuda.synchronize()
+        assert y.dtype == torch.float32 and all(torch.isfinite(t.double()).all() for t in (y, *grads))
+        print(f"ok {backend} channel_attention float32 x under bf16 autocast")
 
 
 if __name__ == "__main__":

@@ -53,17 +53,19 @@ TORCH_LIBRARY(dbsam, m) {
   // for a float64 x); pre [B, H, W, C], the DW output before its GELU, in x's dtype. mean, rstd,
   // pooled and pre are saved for the backward, which recomputes the LN from x but not the DW conv
   // (pre costs one [B,H,W,C] map in x's dtype, a quarter of what eager PyTorch saves).
+  // residual=False returns the branch alone, y = PW1x1(SE(...)) (autocast runs the branch in low
+  // precision on a float32 x and adds the residual in float32, as eager PyTorch does).
   m.def(
       "channel_attention_forward(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor dw_weight, "
-      "Tensor fc1_weight, Tensor fc2_weight, Tensor pw_weight, Tensor? branch_scale, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor fc1_weight, Tensor fc2_weight, Tensor pw_weight, Tensor? branch_scale, float eps, "
+      "bool residual=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_ln_weight, grad_ln_bias, grad_dw, grad_fc1, grad_fc2, grad_pw), each in
-  // its input's dtype.
+  // its input's dtype; grad_x has grad_y added when residual.
   m.def(
       "channel_attention_backward(Tensor grad_y, Tensor x, Tensor ln_weight, Tensor ln_bias, "
       "Tensor dw_weight, Tensor fc1_weight, Tensor fc2_weight, Tensor pw_weight, "
-      "Tensor? branch_scale, Tensor mean, Tensor rstd, Tensor pooled, Tensor pre, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? branch_scale, Tensor mean, Tensor rstd, Tensor pooled, Tensor pre, float eps, "
+      "bool residual=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // --- end channel_attention ---
 }
 

@@ -30,7 +30,7 @@ const auto& forward_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dbsam::channel_attention_forward", "")
           .typed<Outputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                         const Tensor&, const Tensor&, const c10::optional<Tensor>&, double)>();
+                         const Tensor&, const Tensor&, const c10::optional<Tensor>&, double, bool)>();
   return op;
 }
 
@@ -41,7 +41,7 @@ const auto& backward_op() {
           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
               const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&,
-              const Tensor&, const Tensor&, double)>();
+              const Tensor&, const Tensor&, double, bool)>();
   return op;
 }
 
@@ -53,13 +53,14 @@ struct ChannelAttentionFunction : torch::autograd::Function<ChannelAttentionFunc
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& ln_weight,
                                const Tensor& ln_bias, const Tensor& dw_weight, const Tensor& fc1_weight,
                                const Tensor& fc2_weight, const Tensor& pw_weight,
-                               const c10::optional<Tensor>& branch_scale, double eps) {
+                               const c10::optional<Tensor>& branch_scale, double eps, bool residual) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, rstd, pooled, pre] = forward_op().call(x, ln_weight, ln_bias, dw_weight, fc1_weight,
-                                                          fc2_weight, pw_weight, branch_scale, eps);
+                                                          fc2_weight, pw_weight, branch_scale, eps, residual);
     ctx->save_for_backward({x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
                             branch_scale.value_or(Tensor()), mean, rstd, pooled, pre});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["residual"] = residual;
     ctx->mark_non_differentiable({mean, rstd, pooled, pre});
     // The four state outputs never receive a gradient; materialised, each would be a zero tensor made
     // before every backward (pre is [B, H, W, C]: H100 run 5 showed the 50 MB fill).
@@ -68,15 +69,16 @@ struct ChannelAttentionFunction : torch::autograd::Function<ChannelAttentionFunc
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    constexpr int kArgs = 9;  // x, six weights, branch_scale, eps
+    constexpr int kArgs = 10;  // x, six weights, branch_scale, eps, residual
     const Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return variable_list(kArgs);  // only the state outputs were used
     const variable_list s = ctx->get_saved_variables();
     const c10::optional<Tensor> scale = s[kScale].defined() ? c10::optional<Tensor>(s[kScale]) : c10::nullopt;
     auto g = backward_op().call(grad_y.contiguous(), s[kX], s[1], s[2], s[3], s[4], s[5], s[6], scale, s[kMean],
-                                s[kRstd], s[kPooled], s[kPre], ctx->saved_data["eps"].toDouble());
-    variable_list out{std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
-                      std::get<4>(g), std::get<5>(g), std::get<6>(g), Tensor(), Tensor()};
+                                s[kRstd], s[kPooled], s[kPre], ctx->saved_data["eps"].toDouble(),
+                                ctx->saved_data["residual"].toBool());
+    variable_list out{std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g),
+                      std::get<5>(g), std::get<6>(g), Tensor(), Tensor(), Tensor()};
     // The seven tensors are the forward's first seven inputs and always present, so their edge
     // indices are their positions.
     for (int i = 0; i < 7; ++i) {
@@ -88,7 +90,7 @@ struct ChannelAttentionFunction : torch::autograd::Function<ChannelAttentionFunc
 
 Outputs forward_autograd(const Tensor& x, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& dw_weight,
                          const Tensor& fc1_weight, const Tensor& fc2_weight, const Tensor& pw_weight,
-                         const c10::optional<Tensor>& branch_scale, double eps) {
+                         const c10::optional<Tensor>& branch_scale, double eps, bool residual) {
   // Inference (no grad mode, or no input needing a grad) skips the node and its saved tensors.
   const bool record = at::GradMode::is_enabled() &&
                       (x.requires_grad() || ln_weight.requires_grad() || ln_bias.requires_grad() ||
@@ -97,10 +99,10 @@ Outputs forward_autograd(const Tensor& x, const Tensor& ln_weight, const Tensor&
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op().call(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                             eps);
+                             eps, residual);
   }
   auto r = ChannelAttentionFunction::apply(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
-                                           branch_scale, eps);
+                                           branch_scale, eps, residual);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 

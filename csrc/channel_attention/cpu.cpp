@@ -12,7 +12,8 @@
 //             (pre, in x's dtype); grad_pw as one GEMM per image scaled by the gate; grad at the gated activations
 //             as one GEMM; the SE backward on [B, C]; the GELU backward with the gate and the pooled-mean
 //             gradient fused into its input; convolution_backward for the depthwise conv;
-//             native_layer_norm_backward; the residual gradient added in place.
+//             native_layer_norm_backward; the residual gradient added in place (residual=False: the
+//             branch alone, no addend and no residual gradient).
 // An earlier version used hand-written fused loops (git history); without AVX code generation in the
 // extension build (scalar erf) they ran about 4x slower than ATen's vectorised kernels.
 #include <ATen/ATen.h>
@@ -35,7 +36,7 @@ at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
-    const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
+    const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps, bool residual) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   if (branch_scale.has_value()) s = s * branch_scale->unsqueeze(1);
   // Fold the gate (and drop-path) into the 1x1 weight per image: y_b = x_b + u_b @ (Wp * s_b)^T.
   auto wf = (w.wp.unsqueeze(0) * s.unsqueeze(1)).transpose(1, 2);  // [B, Cin, Cout]
-  auto y = at::baddbmm(xa.view({d.B, HW, d.C}), u3, wf).view(x.sizes());
+  auto y = (residual ? at::baddbmm(xa.view({d.B, HW, d.C}), u3, wf) : at::bmm(u3, wf)).view(x.sizes());
   return {y.to(x.scalar_type()), mean.view({d.B, d.H, d.W}), rstd.view({d.B, d.H, d.W}), pooled, pre_saved};
 }
 
@@ -63,7 +64,8 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
              const at::Tensor& ln_bias, const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
              const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
              const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
-             const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps) {
+             const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps,
+             bool residual) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
@@ -117,7 +119,7 @@ backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ln
   at::Tensor gx, gg, gb;
   std::tie(gx, gg, gb) = at::native_layer_norm_backward(gn, xa, {d.C}, mean4, rstd4, w.g, w.b,
                                                         {true, true, true});
-  gx.add_(gya);
+  if (residual) gx.add_(gya);
   return {gx.to(x.scalar_type()),
           gg.to(ln_weight.scalar_type()),
           gb.to(ln_bias.scalar_type()),

@@ -12,7 +12,7 @@
 //                 GELU and the gate (sigmoid times the drop-path factor) fused as epilogues.
 //   fold          the gate folded into the 1x1 weight per image, in x's dtype: wf[b] = Wp * gate[b].
 //   1x1 conv      one batched cuBLAS GEMM (in-place baddbmm_ on y, which holds x) on wf^T (a view):
-//                 the residual is the GEMM's addend.
+//                 the residual is the GEMM's addend (residual=False: no copy, a bmm into y).
 // Backward (saved: pre in x's dtype, the LN statistics, the pooled means; the LN is recomputed from x):
 //   pack_weights (with W1^T, W2^T), the SE recomputed (two small_mm), the GEMM gv = gy Wp (the grad
 //   at the gated activations), gate_dot (one pass over pre and gv: v = GELU(pre) * gate and the
@@ -215,7 +215,7 @@ unsigned warp_blocks(int64_t P) { return static_cast<unsigned>((P + WARPS - 1) /
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
     const at::Tensor& dw_weight, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
-    const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps) {
+    const at::Tensor& pw_weight, const c10::optional<at::Tensor>& branch_scale, double eps, bool residual) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   const int64_t P = d.B * d.H * d.W, HW = d.H * d.W;
   if (P == 0) return {at::empty_like(xc), mean, rstd, pooled, pre};  // an empty batch
   auto u = at::empty_like(xc);
-  auto y = at::empty_like(xc);  // ln_stats copies x here; the 1x1 GEMM adds to it in place
+  auto y = at::empty_like(xc);  // ln_stats copies x here (residual); the 1x1 GEMM adds to it in place
   auto wf = at::empty({d.B, d.C, d.C}, xc.options());  // [B, Cout, Cin]
   // One op-math buffer: the packed weights, then the row-tile sums [B, ceil(H / rows), C], the SE
   // hidden units [B, R] and the gate [B, C].
@@ -255,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
       constexpr int VEC = decltype(V)::value;
       ln_stats_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
           xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), P,
-          static_cast<int>(d.C), static_cast<acc_t>(eps), y.data_ptr<scalar_t>());
+          static_cast<int>(d.C), static_cast<acc_t>(eps), residual ? y.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       with_width<scalar_t>(rows, [&](auto RTc) {
         constexpr int RT = decltype(RTc)::value;
@@ -280,8 +280,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // y_b = x_b + u_b @ (Wp * gate_b)^T: y holds x (ln_stats wrote it), the GEMM adds in place (beta 1;
-  // out of place, at::baddbmm would first copy x into its result, a full extra pass).
-  y.view({d.B, HW, d.C}).baddbmm_(u.view({d.B, HW, d.C}), wf.transpose(1, 2));
+  // out of place, at::baddbmm would first copy x into its result, a full extra pass). Without the
+  // residual the GEMM writes y (beta 0).
+  auto y3 = y.view({d.B, HW, d.C});
+  if (residual) {
+    y3.baddbmm_(u.view({d.B, HW, d.C}), wf.transpose(1, 2));
+  } else {
+    at::bmm_out(y3, u.view({d.B, HW, d.C}), wf.transpose(1, 2));
+  }
   return {y.view(x.sizes()), mean, rstd, pooled, pre};
 }
 
@@ -290,7 +296,8 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
               const at::Tensor& ln_bias, const at::Tensor& dw_weight, const at::Tensor& fc1_weight,
               const at::Tensor& fc2_weight, const at::Tensor& pw_weight,
               const c10::optional<at::Tensor>& branch_scale, const at::Tensor& mean,
-              const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps) {
+              const at::Tensor& rstd, const at::Tensor& pooled, const at::Tensor& pre, double eps,
+              bool residual) {
   const NoAutocast no_autocast;
   const Dims d = check_args(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight);
   check_scale(d, x, branch_scale);
@@ -404,7 +411,8 @@ backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& l
     with_width<scalar_t>(vec, [&](auto V) {
       constexpr int VEC = decltype(V)::value;
       ln_backward_kernel<scalar_t, acc_t, VEC><<<warp_blocks(P), WARPS * 32, 0, stream>>>(
-          gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), mean_c.data_ptr<acc_t>(),
+          gn.data_ptr<acc_t>(), xc.data_ptr<scalar_t>(), residual ? gyc.data_ptr<scalar_t>() : nullptr,
+          mean_c.data_ptr<acc_t>(),
           rstd_c.data_ptr<acc_t>(), wbuf + L.g(), gx.data_ptr<scalar_t>(), P, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

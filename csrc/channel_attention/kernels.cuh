@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(TX * TY, VEC >= 4 || VEC * RT >= (FUSED ? 4 : 
 }
 
 // One warp per pixel, VEC channels per lane and load: gx = gy + rstd * (gn*g - mean(gn*g) - xhat *
-// mean(gn*g*xhat)).
+// mean(gn*g*xhat)); gy == nullptr (the op without its residual): no gy term.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ gy, const acc_t* __restrict__ mean,
@@ -435,7 +435,12 @@ __global__ void ln_backward_kernel(const acc_t* __restrict__ gn, const scalar_t*
     acc_t gnv[VEC], xv[VEC], gyv[VEC], out[VEC];
     load_vec<VEC>(gn + base + c, gnv);
     load_vec<VEC>(x + base + c, xv);
-    load_vec<VEC>(gy + base + c, gyv);
+    if (gy != nullptr) {
+      load_vec<VEC>(gy + base + c, gyv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) gyv[k] = acc_t(0);
+    }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const acc_t xh = (xv[k] - mu) * rs;

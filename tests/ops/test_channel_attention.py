@@ -71,18 +71,79 @@ def test_low_precision(backend, dtype, wdtype):
         assert rel_err(g, gr) < 3e-2
 
 
+def native_op(x, *ws, branch_scale=None, residual=True):
+    return torch.ops.dbsam.channel_attention_forward(x, *ws, branch_scale, 1e-6, residual)[0]
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_op_ignores_an_enclosing_autocast(dtype):
-    # The op picks its own compute dtypes; an autocast region around it (as in bf16 training) must
-    # not recast the GEMMs inside the kernel or the float32 statistics saved for backward.
+    # The op picks its own compute dtypes; an autocast region around it must not recast the GEMMs
+    # inside the kernel or the float32 statistics saved for backward (the Python entry point decides
+    # what autocast means for the op: test_autocast_runs_the_branch_low_and_the_residual_in_float32).
     x, ws = make_inputs(2, 7, 5, 24, 6, dtype=dtype, wdtype=torch.float32)
-    y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+    y, grads = grads_of(native_op, x, ws)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ac, grads_ac = grads_of(lambda *a, **k: channel_attention(*a, **k, backend="cpu"), x, ws)
+        y_ac, grads_ac = grads_of(native_op, x, ws)
     assert torch.equal(y_ac, y)
     for g, g_ac in zip(grads, grads_ac):
         assert torch.equal(g_ac, g)
+
+
+def branch64(x, *ws, branch_scale=None):
+    return channel_attention_reference(x.double(), *(w.double() for w in ws), 1e-6, residual=False,
+                                       branch_scale=None if branch_scale is None else branch_scale.double())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_branch_without_residual(backend, dtype):
+    """residual=False: the (scaled) branch alone, and gradients without the residual's identity."""
+    x, ws = make_inputs(2, 7, 5, 24, 6, dtype=dtype, wdtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    scale = torch.tensor([0.5, 2.0], dtype=stat_dtype(dtype))
+    for sc in (None, scale):
+        y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend=backend, residual=False), x, ws, sc)
+        y_ref, grads_ref = grads_of(branch64, x, ws, sc)
+        tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+        assert y.dtype == dtype and rel_err(y, y_ref) < tol
+        for name, g, gr in zip(["x", "ln_w", "ln_b", "dw", "fc1", "fc2", "pw"], grads, grads_ref):
+            assert rel_err(g, gr) < (3e-2 if dtype == torch.bfloat16 else 10 * tol), name
+
+
+class _OpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtype of x each dbsam channel_attention op call got."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "channel_attention" in str(func):
+            self.seen.append((str(func.overloadpacket), args[1 if "backward" in str(func) else 0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_runs_the_branch_low_and_the_residual_in_float32(backend):
+    """Under bf16 autocast a float32 x gives a float32 y = x + branch with the branch in bf16, as the
+    eager composition runs there, not the whole op in float32, nor the residual rounded to bf16: x
+    is large against the branch here, so a bf16 residual would miss the branch by ~|x| / 256."""
+    x, ws = make_inputs(2, 7, 5, 24, 6, dtype=torch.float32)
+    x = (x * 64).detach()
+    y_ref, grads_ref = grads_of(ref64, x, ws)
+    mode = _OpDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16), mode:
+        y, grads = grads_of(lambda *a, **k: channel_attention(*a, **k, backend=backend), x, ws)
+    assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert rel_err(y - x, y_ref - x.double()) < 2e-2  # the branch, to bf16 precision
+    for name, g, gr in zip(["x", "ln_w", "ln_b", "dw", "fc1", "fc2", "pw"], grads, grads_ref):
+        assert rel_err(g, gr) < 3e-2, name
+    if backend == "cpu":  # the kernels ran in bf16, forward and backward
+        assert mode.seen == [("dbsam.channel_attention_forward", torch.bfloat16),
+                             ("dbsam.channel_attention_backward", torch.bfloat16)], mode.seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # residual=False there: the branch, in bf16
+        branch = channel_attention(x, *ws, backend=backend, residual=False)
+    assert branch.dtype == torch.bfloat16 and rel_err(branch, y_ref - x.double()) < 2e-2
 
 
 @needs_native
@@ -93,6 +154,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, backend="cpu"), (x, *ws))
     scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, branch_scale=scale, backend="cpu"), (x, *ws))
+    assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, residual=False, backend="cpu"), (x, *ws))
 
 
 @needs_native
@@ -172,6 +234,8 @@ def test_bad_branch_scale():
         channel_attention(**_args(), branch_scale=torch.ones(3))
     with pytest.raises(TypeError, match="branch_scale"):
         channel_attention(**_args(), branch_scale=torch.ones(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        channel_attention(**_args(), residual=1)
 
 
 @needs_native
@@ -321,16 +385,17 @@ def test_module_drop_path_in_training(backend):
 
 @needs_native
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_opcheck(with_scale):
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "branch"])
+def test_opcheck(with_scale, residual):
     x, ws = make_inputs(2, 4, 3, 8, 2, dtype=torch.float32)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
     scale = torch.tensor([0.0, 2.0]) if with_scale else None
-    torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, scale, 1e-6))
-    y = torch.ops.dbsam.channel_attention_forward(x, *ws, scale, 1e-6)
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, scale, 1e-6, residual))
+    y = torch.ops.dbsam.channel_attention_forward(x, *ws, scale, 1e-6, residual)
     gy = torch.randn_like(y[0])
     torch.library.opcheck(torch.ops.dbsam.channel_attention_backward.default,
-                          (gy, x.detach(), *(w.detach() for w in ws), scale, *y[1:], 1e-6))
+                          (gy, x.detach(), *(w.detach() for w in ws), scale, *y[1:], 1e-6, residual))
 
 
 @pytest.mark.parametrize("backend, compiler", [("reference", "aot_eager"),

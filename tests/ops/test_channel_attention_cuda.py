@@ -20,16 +20,17 @@ TOL = {torch.float64: (1e-12, 1e-11), torch.float32: (2e-6, 2e-5), torch.bfloat1
        torch.float16: (2e-3, 1e-2)}
 
 
-def _run(shape, dtype, wdtype=None, scale=None, backend="cuda"):
+def _run(shape, dtype, wdtype=None, scale=None, backend="cuda", residual=True):
     x, ws = make_inputs(*shape, dtype=dtype, wdtype=wdtype, device="cuda")
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
-    y = channel_attention(x, *ws, branch_scale=scale, backend=backend)
+    y = channel_attention(x, *ws, branch_scale=scale, backend=backend, residual=residual)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y)
     grads = torch.autograd.grad(y, [x, *ws], gy)
     x64 = x.detach().double().requires_grad_()
     w64 = [w.detach().double().requires_grad_() for w in ws]
-    yr = channel_attention_reference(x64, *w64, branch_scale=None if scale is None else scale.double())
+    yr = channel_attention_reference(x64, *w64, branch_scale=None if scale is None else scale.double(),
+                                     residual=residual)
     gr = torch.autograd.grad(yr, [x64, *w64], gy.double())
     return y, grads, yr, gr, [x, *ws]
 
@@ -232,11 +233,35 @@ def test_cuda_branch_scale():
         assert rel_err(g, r) < 2e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 6, 24, 6), (2, 64, 64, 768, 192)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_branch_without_residual(shape, dtype):
+    # residual=False: the GEMM writes y (no copy of x, beta 0) and ln_backward adds no grad_y.
+    scale = torch.tensor([0.5, 2.0, 1.25][: shape[0]], device="cuda")
+    y, grads, yr, gr, _ = _run(shape, dtype, scale=scale, residual=False)
+    tol, gtol = TOL[dtype]
+    assert rel_err(y, yr) < tol
+    for g, r in zip(grads, gr):
+        assert rel_err(g, r) < gtol
+
+
+def test_cuda_autocast_runs_the_branch_in_bf16():
+    # A float32 x under bf16 autocast (DB-SAM's ViT tokens): float32 y, the branch to bf16 precision,
+    # the residual in float32 (x large against the branch), the kernels in bf16.
+    x, ws = make_inputs(2, 64, 64, 768, 192, dtype=torch.float32, device="cuda")
+    x = x * 64
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = channel_attention(x, *ws, backend="cuda")
+    branch = channel_attention_reference(x.double(), *(w.double() for w in ws), residual=False)
+    assert y.dtype == torch.float32 and rel_err(y - x, branch) < 2e-2
+
+
 def test_cuda_gradcheck():
     x, ws = make_inputs(2, 4, 3, 6, 2, device="cuda")
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
     assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, backend="cuda"), (x, *ws))
+    assert torch.autograd.gradcheck(lambda *t: channel_attention(*t, backend="cuda", residual=False), (x, *ws))
 
 
 def test_cuda_opcheck():
@@ -244,6 +269,7 @@ def test_cuda_opcheck():
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
     torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, None, 1e-6))
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_forward.default, (x, *ws, None, 1e-6, False))
 
 
 def test_cuda_matches_cpu_kernel():

@@ -32,16 +32,17 @@ def interpret_on_cpu(triton_interpreter):
     torch.set_num_threads(n)
 
 
-def _check(shape, dtype, wdtype=None, scale=None, tol=2e-6, gtol=2e-5):
+def _check(shape, dtype, wdtype=None, scale=None, tol=2e-6, gtol=2e-5, residual=True):
     x, ws = make_inputs(*shape, dtype=dtype, wdtype=wdtype, device=DEVICE)
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
-    y = channel_attention(x, *ws, branch_scale=scale, backend="triton")
+    y = channel_attention(x, *ws, branch_scale=scale, backend="triton", residual=residual)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(y)
     grads = torch.autograd.grad(y, [x, *ws], gy)
     x64 = x.detach().double().requires_grad_()
     w64 = [w.detach().double().requires_grad_() for w in ws]
-    yr = channel_attention_reference(x64, *w64, branch_scale=None if scale is None else scale.double())
+    yr = channel_attention_reference(x64, *w64, branch_scale=None if scale is None else scale.double(),
+                                     residual=residual)
     gr = torch.autograd.grad(yr, [x64, *w64], gy.double())
     assert y.dtype == dtype
     assert rel_err(y, yr) < tol
@@ -63,18 +64,37 @@ def test_triton_branch_scale():
     _check((2, 3, 2, 5, 1), torch.float32, scale=torch.tensor([0.0, 2.0], device=DEVICE))
 
 
+def test_triton_branch_without_residual():
+    _check((2, 3, 2, 5, 1), torch.float32, residual=False)
+    _check((2, 3, 2, 5, 1), torch.float32, scale=torch.tensor([0.5, 2.0], device=DEVICE), residual=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_low_precision(dtype):
     _check((1, 4, 3, 16, 4), dtype, wdtype=torch.float32, tol=1e-2, gtol=3e-2)
 
 
 def test_triton_ignores_an_enclosing_autocast():
-    # The torch calls between the Triton kernels must keep the op's own dtypes under bf16 autocast.
+    # The torch calls between the Triton kernels must keep the op's own dtypes under bf16 autocast
+    # (the Python entry point decides what autocast means for the op; below).
+    from dbsam.ops.channel_attention import triton as ca_triton
+
     x, ws = make_inputs(2, 5, 4, 16, 4, dtype=torch.float32, device=DEVICE)
-    y = channel_attention(x, *ws, backend="triton")
+    y = ca_triton.channel_attention_triton(x, *ws, None, 1e-6)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y_ac = channel_attention(x, *ws, backend="triton")
+        y_ac = ca_triton.channel_attention_triton(x, *ws, None, 1e-6)
     assert y_ac.dtype == torch.float32 and torch.equal(y_ac, y)
+
+
+def test_triton_under_autocast_runs_the_branch_low():
+    # As the native backends (test_channel_attention.py): a float32 y, the branch to bf16 precision,
+    # the residual added in float32 (x large against the branch: a bf16 residual would miss by far).
+    x, ws = make_inputs(1, 7, 5, 24, 6, dtype=torch.float32, device=DEVICE)
+    x = x * 64
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = channel_attention(x, *ws, backend="triton")
+    branch = channel_attention_reference(x.double(), *(w.double() for w in ws), residual=False)
+    assert y.dtype == torch.float32 and rel_err(y - x, branch) < 2e-2
 
 
 def test_triton_rejects_float64():
@@ -100,7 +120,8 @@ _COMPILE_SM90 = textwrap.dedent("""
 
     floats = {"eps", "inv_hw"}
     ints = {"P", "C", "H", "W", "NWB", "total", "HWC"}
-    consts = {"BLOCK_P": 16, "BLOCK_C": 64, "BLOCK_W": 16, "BLOCK": 1024, "WRITE_D": True, "WRITE_SUM": True}
+    consts = {"BLOCK_P": 16, "BLOCK_C": 64, "BLOCK_W": 16, "BLOCK": 1024, "WRITE_D": True, "WRITE_SUM": True,
+              "RESIDUAL": True}
     names = [n for n, f in vars(K).items() if n.endswith("_kernel") and hasattr(f, "params")]
     for name in sorted(names):
         fn = getattr(K, name)
@@ -138,6 +159,7 @@ def test_triton_opcheck():
     x.requires_grad_()
     ws = [w.requires_grad_() for w in ws]
     torch.library.opcheck(torch.ops.dbsam.channel_attention_triton_forward.default, (x, *ws, None, 1e-6))
+    torch.library.opcheck(torch.ops.dbsam.channel_attention_triton_forward.default, (x, *ws, None, 1e-6, False))
 
 
 def test_triton_compile_fullgraph():

@@ -157,7 +157,8 @@ def dw_backward_kernel(GD, X, MEAN, RSTD, G, BETA, WT, GN, PART, H, W, C, NWB,
 
 
 @triton.jit
-def ln_backward_kernel(GN, X, GY, MEAN, RSTD, G, GX, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def ln_backward_kernel(GN, X, GY, MEAN, RSTD, G, GX, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                       RESIDUAL: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < P
@@ -169,10 +170,11 @@ def ln_backward_kernel(GN, X, GY, MEAN, RSTD, G, GX, P, C, BLOCK_P: tl.constexpr
     g = tl.load(G + cols, mask=cmask, other=0.0)
     gn = tl.load(GN + offs, mask=m, other=0.0)
     xv = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-    gy = tl.load(GY + offs, mask=m, other=0.0).to(tl.float32)
     xh = tl.where(m, (xv - mu[:, None]) * rs[:, None], 0.0)
     gxh = gn * g[None, :]
     s1 = tl.sum(gxh, axis=1) / C
     s2 = tl.sum(gxh * xh, axis=1) / C
-    gx = gy + rs[:, None] * (gxh - s1[:, None] - xh * s2[:, None])
+    gx = rs[:, None] * (gxh - s1[:, None] - xh * s2[:, None])
+    if RESIDUAL:  # the op's residual x: its gradient grad_y passes straight through
+        gx += tl.load(GY + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m)

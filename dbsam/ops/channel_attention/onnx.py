@@ -20,7 +20,7 @@ def _gelu(t):
 
 
 def channel_attention_onnx(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale=None,
-                           eps: float = 1e-6):
+                           eps: float = 1e-6, residual: bool = True):
     C = x.shape[3]
     stat_type = ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
     ln_w, ln_b = op.CastLike(ln_weight, x), op.CastLike(ln_bias, x)
@@ -36,7 +36,8 @@ def channel_attention_onnx(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_wei
         gate = op.Mul(gate, op.Unsqueeze(op.CastLike(branch_scale, x), op.Constant(value_ints=[1])))
     gated = op.Mul(u, op.Unsqueeze(gate, op.Constant(value_ints=[2, 3])))
     branch = op.Conv(gated, op.CastLike(pw_weight, x), kernel_shape=[1, 1])
-    y = op.Add(x, op.Transpose(branch, perm=[0, 2, 3, 1]))
+    branch = op.Transpose(branch, perm=[0, 2, 3, 1])
+    y = op.Add(x, branch) if residual else branch
     squeeze_c = op.Constant(value_ints=[3])
     return (y, op.Cast(op.Squeeze(mean, squeeze_c), to=stat_type), op.Cast(op.Squeeze(inv_std, squeeze_c), to=stat_type),
             op.Cast(pooled, to=stat_type), op.Transpose(pre, perm=[0, 2, 3, 1]))

@@ -75,7 +75,8 @@ def stat_dtype(x_dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # Fake kernels and autograd, shared by every backend's ops.
 
-def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
+def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps,
+                 residual=True):
     B, H, W, C = x.shape
     st = stat_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((B, H, W), dtype=st),
@@ -84,16 +85,16 @@ def fake_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
 
 
 def fake_backward(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                  mean, rstd, pooled, pre, eps):
+                  mean, rstd, pooled, pre, eps, residual=True):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    x, lw, lb, dw, f1, f2, pw, scale, eps = inputs
+    x, lw, lb, dw, f1, f2, pw, scale, eps, residual = inputs
     y, mean, rstd, pooled, pre = output
     ctx.save_for_backward(x, lw, lb, dw, f1, f2, pw, scale, mean, rstd, pooled, pre)
-    ctx.eps = eps
+    ctx.eps, ctx.residual = eps, residual
     ctx.mark_non_differentiable(mean, rstd, pooled, pre)
     # The four saved-state outputs never receive a gradient; by default autograd would still make a
     # zero tensor for each before every backward (pre is [B, H, W, C]: a 50 MB fill and four extra
@@ -103,16 +104,16 @@ def _setup_context(ctx, inputs, output):
 
 def register_autograd_for(forward_op: str, backward: Callable) -> None:
     """Gives `forward_op` (a qualified op name) the autograd formula, with `backward(grad_y, x, ln_weight,
-    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, pre, eps) ->
-    7 grads`."""
+    ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, mean, rstd, pooled, pre, eps,
+    residual) -> 7 grads`."""
 
     def _backward(ctx, grad_y, _gm, _gr, _gp, _gpre):
         saved = ctx.saved_tensors
         if grad_y is None:  # not materialised (_setup_context): nothing flows back
-            return (None,) * 9
-        grads = backward(grad_y.contiguous(), *saved, ctx.eps)
+            return (None,) * 10
+        grads = backward(grad_y.contiguous(), *saved, ctx.eps, ctx.residual)
         need = ctx.needs_input_grad
-        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None)
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
     torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
 
@@ -176,20 +177,29 @@ def _run_triton(*args):
     return triton_backend.channel_attention_triton(*args)
 
 
-def _run_reference(x, lw, lb, dw, f1, f2, pw, scale, eps):
+def _run_reference(x, lw, lb, dw, f1, f2, pw, scale, eps, residual):
     if x.dtype in _LOW:  # the definition, evaluated in float32 and rounded once
         ws = (w.float() for w in (lw, lb, dw, f1, f2, pw))
-        return channel_attention_reference(x.float(), *ws, eps, branch_scale=scale).to(x.dtype)
-    return channel_attention_reference(x, lw, lb, dw, f1, f2, pw, eps, branch_scale=scale)
+        return channel_attention_reference(x.float(), *ws, eps, branch_scale=scale, residual=residual).to(x.dtype)
+    return channel_attention_reference(x, lw, lb, dw, f1, f2, pw, eps, branch_scale=scale, residual=residual)
 
 
 _RUNNERS = {"cuda": _run_native, "cpu": _run_native, "triton": _run_triton, "reference": _run_reference}
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution on x in, where it would change x's (float32 x, an
+    autocast region of x's device type, to float16 or bfloat16); None elsewhere."""
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        return None
+    low = torch.get_autocast_dtype(x.device.type)
+    return low if low in _LOW else None
+
+
 def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_weight: torch.Tensor,
                       fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, pw_weight: torch.Tensor,
                       eps: float = 1e-6, *, branch_scale: Optional[torch.Tensor] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
+                      backend: Optional[str] = None, residual: bool = True) -> torch.Tensor:
     """The DB-SAM channel-attention adapter: y = x + PW1x1(SE(GELU(DW3x3(LN(x))))).
 
     x [B, H, W, C] channels-last (any strides; no permutes are made); ln_weight, ln_bias [C];
@@ -202,7 +212,13 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
     `branch_scale` (optional [B], no gradient) multiplies the branch per sample before the residual
     add: y = x + branch_scale[b] * branch. It is how drop-path runs fused (keep_b / (1 - p)); the kernels
     fold it into the 1x1 weight with the SE gate, so it is free. `backend` overrides the dispatch
-    policy for this call (see dbsam.ops.use_backend).
+    policy for this call (see dbsam.ops.use_backend). `residual=False` returns the branch alone.
+
+    Under autocast (float16/bfloat16, x's device type) a float32 x runs as eager PyTorch runs the
+    composition there: the branch in the autocast dtype (x rounded to it once, statistics and
+    accumulation in float32, the float32 weights read as they are) and the residual added in float32,
+    so y is float32. Without this the kernels ran the whole op in float32, their float32 GEMMs
+    included (DB-SAM's ViT tokens are float32 under autocast: SAM adds its float32 pos_embed).
     """
     validate(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps)
     if branch_scale is not None:
@@ -217,6 +233,8 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
         if branch_scale.device != x.device:
             raise ValueError(f"channel_attention: branch_scale is on {branch_scale.device} but x is on {x.device}")
         branch_scale = branch_scale.detach().to(stat_dtype(x.dtype))
+    if not isinstance(residual, bool):
+        raise TypeError(f"channel_attention: residual must be a bool, got {type(residual).__name__}")
     name = _backends._check_name(backend) if backend is not None else "auto"
     if name == "auto":
         name = _backends.resolve(OP, x.device)  # never triton for this op (see its registration)
@@ -225,6 +243,12 @@ def channel_attention(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
         if reason:
             raise RuntimeError(f"channel_attention: backend {name!r} cannot run on {x.device}: {reason}")
     weights = (ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight)
-    wdt = weight_dtype(x.dtype, weights)
+    low = _autocast_dtype(x)
+    xk = x if low is None else x.to(low)
+    wdt = weight_dtype(xk.dtype, weights)
     # `.to` only where a dtype changes: six no-op calls still cost the host ~7 us per call here.
-    return _RUNNERS[name](x, *(w if w.dtype == wdt else w.to(wdt) for w in weights), branch_scale, float(eps))
+    ws = (w if w.dtype == wdt else w.to(wdt) for w in weights)
+    if low is None:
+        return _RUNNERS[name](x, *ws, branch_scale, float(eps), residual)
+    branch = _RUNNERS[name](xk, *ws, branch_scale, float(eps), False)
+    return x + branch if residual else branch

@@ -24,10 +24,11 @@ def channel_attention_branch_reference(x: torch.Tensor, ln_weight: torch.Tensor,
 
 
 def channel_attention_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, eps=1e-6,
-                                branch_scale=None):
-    """y = x + branch(x), or x + branch_scale[b] * branch(x) (drop-path) with branch_scale [B]."""
+                                branch_scale=None, residual=True):
+    """y = x + branch(x), or x + branch_scale[b] * branch(x) (drop-path) with branch_scale [B]; without
+    `residual`, the (scaled) branch alone."""
     branch = channel_attention_branch_reference(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
                                                 pw_weight, eps)
     if branch_scale is not None:
         branch = branch * branch_scale.to(branch.dtype)[:, None, None, None]
-    return x + branch
+    return x + branch if residual else branch

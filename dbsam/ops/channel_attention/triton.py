@@ -86,7 +86,8 @@ def _check_dtype(x):
                         f"{x.dtype} (use the cpu or reference backend for float64)")
 
 
-def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
+def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps,
+                 residual=True):
     from . import _triton_kernels as K
 
     _check_dtype(x)
@@ -112,12 +113,13 @@ def forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_we
     if branch_scale is not None:
         s = s * branch_scale[:, None]
     wf = (wp[None] * s[:, None, :]).transpose(1, 2).to(x.dtype)
-    y = torch.baddbmm(xc.view(B, HW, C), u.view(B, HW, C), wf).view(B, H, W, C)
+    u3 = u.view(B, HW, C)
+    y = (torch.baddbmm(xc.view(B, HW, C), u3, wf) if residual else torch.bmm(u3, wf)).view(B, H, W, C)
     return y, mean, rstd, pooled, pre
 
 
 def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                  mean, rstd, pooled, pre, eps):
+                  mean, rstd, pooled, pre, eps, residual=True):
     from . import _triton_kernels as K
 
     _check_dtype(x)
@@ -169,7 +171,7 @@ def backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weig
         bc_full = _next_pow2(C)
         bp = max(1, min(16, 4096 // bc_full))
         K.ln_backward_kernel[(triton_cdiv(P, bp),)](gn, xc, gyc, mean, rstd, g, gx, P, C, BLOCK_P=bp,
-                                                    BLOCK_C=bc_full)
+                                                    BLOCK_C=bc_full, RESIDUAL=residual)
     red = part.sum(0)
     return (gx,
             red[9].to(ln_weight.dtype).clone(),
@@ -192,21 +194,22 @@ def _register() -> None:
 
     @torch.library.custom_op("dbsam::channel_attention_triton_forward", mutates_args=())
     def _fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
-             fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor],
-             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor], eps: float,
+             residual: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The torch calls between the kernels (SE MLP, GEMMs) run in the dtypes chosen here, not
         # in those of an enclosing autocast region (as the C++ kernels' NoAutocast guard).
         with torch.autocast(x.device.type, enabled=False):
             return forward_impl(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale,
-                                eps)
+                                eps, residual)
 
     @torch.library.custom_op("dbsam::channel_attention_triton_backward", mutates_args=())
     def _bwd(grad_y: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, dw_weight: Tensor, fc1_weight: Tensor,
              fc2_weight: Tensor, pw_weight: Tensor, branch_scale: Optional[Tensor], mean: Tensor, rstd: Tensor,
-             pooled: Tensor, pre: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             pooled: Tensor, pre: Tensor, eps: float,
+             residual: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             return backward_impl(grad_y, x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight,
-                                 branch_scale, mean, rstd, pooled, pre, eps)
+                                 branch_scale, mean, rstd, pooled, pre, eps, residual)
 
     torch.library.register_fake("dbsam::channel_attention_triton_forward")(op.fake_forward)
     torch.library.register_fake("dbsam::channel_attention_triton_backward")(op.fake_backward)
@@ -215,8 +218,9 @@ def _register() -> None:
     _registered = True
 
 
-def channel_attention_triton(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps):
+def channel_attention_triton(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight, pw_weight, branch_scale, eps,
+                             residual=True):
     _check_dtype(x)
     _register()
     return torch.ops.dbsam.channel_attention_triton_forward(x, ln_weight, ln_bias, dw_weight, fc1_weight, fc2_weight,
-                                                            pw_weight, branch_scale, eps)[0]
+                                                            pw_weight, branch_scale, eps, residual)[0]
