@@ -68,6 +68,8 @@ def geometry_from_buffers(ref_num: torch.Tensor, ref_den: torch.Tensor, shapes: 
 def flatten_maps(maps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
     """L maps [B, h, w, C] -> tokens [B, sum(h*w), C] and the (h, w) of each."""
     sizes = [(int(m.shape[1]), int(m.shape[2])) for m in maps]
+    if len(maps) == 1:  # no cat of one map: a view where the map is contiguous, a copy where not
+        return maps[0].flatten(1, 2), sizes
     return torch.cat([m.flatten(1, 2) for m in maps], 1), sizes
 
 

@@ -85,8 +85,8 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(weights.to(cdt), -1).view(N, Lq, M, L, P)
 
         if reference_points.shape[-1] == 2:
-            normaliser = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            locations = reference_points[:, :, None, :, None, :].to(cdt) + offsets / normaliser[None, None, None, :, None, :]
+            normaliser = input_spatial_shapes.flip(-1).view(1, 1, 1, -1, 1, 2)  # (W, H) per level
+            locations = reference_points[:, :, None, :, None, :].to(cdt) + offsets / normaliser
         elif reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None, :].to(cdt)
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
