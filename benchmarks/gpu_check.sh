@@ -16,7 +16,8 @@
 #              DBSAM_MSDA_FWD_BCAST=0 DBSAM_CA_VEC=1 DBSAM_CA_FUSED_GRAD=1 (~65 s)
 #   racecheck  compute-sanitizer --tool racecheck on the same script (CUDA kernels; again with DBSAM_CA_VEC=1; ~30 s)
 #   bench_msda, bench_ca, bench_model: pytest-benchmark, one JSON each (a cut step loses only its own
-#              figures), --benchmark-json=$OUT/bench_<name>.json (~45, ~45, ~120 s)
+#              figures), --benchmark-json=$OUT/bench_<name>.json (~45, ~45, ~140 s: the model rows also
+#              time their host side and count their ops)
 #   report     a table of every benchmark JSON (benchmarks/gpu_report.py) and the issues' goals (goals.py)
 # The diagnostics (GPU_CHECK_MODE=full adds them, after the check):
 #   profile    benchmarks/profile_ops.py: per-kernel CUDA time of one fwd+bwd of each op, ours and the
@@ -300,7 +301,7 @@ run_step memcheck 120 1 bash -c step_memcheck
 run_step racecheck 90 1 bash -c step_racecheck
 TAIL_LINES=5 run_step bench_msda 180 1 bash -c step_bench_msda
 TAIL_LINES=5 run_step bench_ca 80 1 bash -c step_bench_ca
-TAIL_LINES=5 run_step bench_model 180 1 bash -c step_bench_model
+TAIL_LINES=5 run_step bench_model 210 1 bash -c step_bench_model
 TAIL_LINES=60 run_step profile 60 1 bash -c step_profile
 TAIL_LINES=50 run_step profile_model 100 1 bash -c step_profile_model
 TAIL_LINES=5 run_step ncu 90 1 bash -c step_ncu
