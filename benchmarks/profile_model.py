@@ -101,8 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default=None, help="vit_b on a GPU, tiny on a CPU")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--fp32", action="store_true", help="no autocast (default: bf16 autocast)")
-    parser.add_argument("--rows", nargs="+", default=["auto", "reference"],
-                        help="benchmarks/test_model.py rows: auto, reference, auto_sam_attention")
+    parser.add_argument("--rows", nargs="+", default=["auto", "auto_pad_v", "reference"],
+                        help="benchmarks/test_model.py rows (auto, reference, auto_sam_attention) and auto_pad_v: "
+                             "auto with DBSAM_SDPA_PAD_V=1 (v widened to q's width, FlashAttention eligible)")
     args = parser.parse_args(argv)
 
     import dbsam.ops
@@ -117,7 +118,10 @@ def main(argv=None) -> int:
     images, boxes, target = make_inputs(model, args.batch, device)
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     for row in args.rows:
-        backend, attention = ROWS[row]
+        backend, attention = ROWS["auto" if row == "auto_pad_v" else row]
+        os.environ.pop("DBSAM_SDPA_PAD_V", None)
+        if row == "auto_pad_v":
+            os.environ["DBSAM_SDPA_PAD_V"] = "1"
         model.set_vit_attention(attention)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
 
@@ -134,6 +138,7 @@ def main(argv=None) -> int:
             profile_step(step, device)
         del opt
         model.zero_grad(set_to_none=True)
+        os.environ.pop("DBSAM_SDPA_PAD_V", None)
     return 0
 
 

@@ -26,6 +26,7 @@ for q, k and v) and the padding sliced off.
 The class adds no parameter, so SAM's names and weights stay: `set_vit_attention` switches a model's
 blocks between the two implementations in place, at run time, as the op backends switch.
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -85,16 +86,26 @@ def fold_rel_pos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_
     return q2, k2
 
 
+def _pad_value_default(v: torch.Tensor) -> bool:
+    """Whether to widen v to q's width: on CPUs (their flash kernel takes one width for q, k and v);
+    on CUDA only with DBSAM_SDPA_PAD_V=1, an A/B knob read per call. A narrow v leaves CUDA the
+    memory-efficient kernel (q and k 192 wide, v 64 at ViT-B's global blocks: 2/3 of the second
+    matmul saved); a padded one makes FlashAttention eligible (3x that matmul's FLOPs, a faster
+    kernel): which wins at ViT-B is for a GPU to say (benchmarks/profile_model.py's auto_pad_v row)."""
+    if not v.is_cuda:
+        return True
+    return os.environ.get("DBSAM_SDPA_PAD_V", "0") == "1"
+
+
 def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
                       rel_pos_w: torch.Tensor, size, scale: float, pad_value: Optional[bool] = None,
                       tables: Optional[RelPosTables] = None) -> torch.Tensor:
     """SAM's attention with decomposed relative positions on q, k, v (B, heads, H*W, hd) -> (B, heads,
     H*W, hd), through F.scaled_dot_product_attention. pad_value: widen v to q's width with zeros
-    (None: on CPUs only, whose flash kernel takes one width for q, k and v; CUDA's memory-efficient
-    kernel takes a narrower v, which saves 2/3 of the second matmul at ViT-B); tables: see fold_rel_pos."""
+    (None: _pad_value_default); tables: see fold_rel_pos."""
     hd = v.shape[-1]
     q, k = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, size, scale, tables)
-    if pad_value if pad_value is not None else not v.is_cuda:
+    if pad_value if pad_value is not None else _pad_value_default(v):
         v = F.pad(v, (0, q.shape[-1] - hd))
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :hd]
 

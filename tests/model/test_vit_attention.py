@@ -87,6 +87,18 @@ def test_value_width_either_way(pad_value):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_pad_value_default(monkeypatch):
+    from dbsam.model.vit_attention import _pad_value_default
+
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("DBSAM_SDPA_PAD_V", raising=False)
+    assert _pad_value_default(cpu)
+    cuda_like = type("CudaLike", (), {"is_cuda": True})()
+    assert not _pad_value_default(cuda_like)
+    monkeypatch.setenv("DBSAM_SDPA_PAD_V", "1")
+    assert _pad_value_default(cuda_like) and _pad_value_default(cpu)
+
+
 def test_float32_and_bf16_autocast_track_float64():
     """In fp32 and under bf16 autocast the SDPA version is as close to the float64 result as SAM's
     own (the folded scores are accumulated in fp32 inside the kernel, SAM adds bf16 rel-pos terms to
@@ -193,11 +205,15 @@ def test_compiles_in_one_graph(frozen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 64, 64, 768, 12, 64), (50, 14, 14, 768, 12, 14)],
                          ids=["vitb-global", "vitb-window"])
-def test_gpu_uses_a_fused_kernel(shape, dtype):
+@pytest.mark.parametrize("pad_v", ["0", "1"], ids=["v-as-is", "v-padded"])
+def test_gpu_uses_a_fused_kernel(shape, dtype, pad_v, monkeypatch):
     """At ViT-B's shapes a fused kernel takes the folded q', k', v (the math fallback, which would
     store the scores again, is excluded: SDPA raises if no fused kernel accepts them), forward and
-    backward, and agrees with SAM's attention."""
+    backward, and agrees with SAM's attention; v as it is and widened to q's width
+    (DBSAM_SDPA_PAD_V=1, where FlashAttention becomes eligible)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    monkeypatch.setenv("DBSAM_SDPA_PAD_V", pad_v)
 
     B, H, W, C, heads, size = shape
     torch.manual_seed(0)
