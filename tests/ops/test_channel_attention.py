@@ -417,6 +417,28 @@ def test_compile_fullgraph(backend, compiler):
 
 
 @needs_native
+def test_compile_fullgraph_under_autocast():
+    # The autocast path (a float32 x: the branch op on bf16, the float32 residual add) in one graph.
+    torch._dynamo.reset()
+    mod = ChannelAttention(16).eval()
+    x = torch.randn(2, 5, 4, 16, requires_grad=True)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with ops.use_backend("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        expect = mod(x)
+        got = torch.compile(mod, fullgraph=True, backend=keep_graph)(x)
+    assert got.dtype == torch.float32 and rel_err(got, expect) < 1e-6
+    calls = [n for n in graphs[0].graph.nodes if "channel_attention_forward" in str(n.target)]
+    assert len(calls) == 1 and calls[0].args[0].meta["example_value"].dtype == torch.bfloat16
+    got.sum().backward()
+    assert x.grad is not None
+
+
+@needs_native
 def test_module_exports_with_a_dynamic_batch():
     # torch.export keeps the op as one node (its fake kernel gives the shapes), so an exported ViT
     # with adapters runs our kernels; the batch stays symbolic.
