@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     import dbsam.ops
     from dbsam.model import build_dbsam
-    from test_model import ROWS, dice_bce, make_inputs
+    from test_model import ROWS, make_inputs, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variant = args.variant or ("vit_b" if device.type == "cuda" else "tiny")
@@ -123,20 +123,13 @@ def main(argv=None) -> int:
         if row == "auto_pad_v":
             os.environ["DBSAM_SDPA_PAD_V"] = "1"
         model.set_vit_attention(attention)
-        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                low, _ = model(images, boxes)
-            dice_bce(low, target).backward()
-            opt.step()
+        step = train_step(model, images, boxes, target, amp)
 
         print(f"== {variant} train step batch {args.batch} {str(dtype)[6:]} {row} "
               f"(ops: {backend}, ViT attention: {attention})")
         with dbsam.ops.use_backend(backend):
             profile_step(step, device)
-        del opt
+        del step
         model.zero_grad(set_to_none=True)
         os.environ.pop("DBSAM_SDPA_PAD_V", None)
     return 0

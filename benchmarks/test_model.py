@@ -61,6 +61,21 @@ def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice.mean() + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
 
 
+def train_step(model, images, boxes, target, amp):
+    """One training step as the benchmarks time it: Dice + BCE on the low-res logits under `amp()`,
+    backward, AdamW (a fresh optimiser per call of train_step; its state appears at the first step)."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            low, _ = model(images, boxes)
+        dice_bce(low, target).backward()
+        opt.step()
+
+    return step
+
+
 def make_inputs(model, batch: int, device: torch.device):
     S = model.config.img_size
     g = torch.Generator(device="cpu").manual_seed(batch)
@@ -75,7 +90,6 @@ def bench(benchmark, model, batch: int, mode: str, row: str, device: torch.devic
           grad_checkpointing: bool = False, dtype: torch.dtype = torch.float32) -> None:
     backend, attention = ROWS[row]
     images, boxes, target = make_inputs(model, batch, device)
-    opt = None
     model.set_grad_checkpointing(grad_checkpointing)
     model.set_vit_attention(attention)
 
@@ -90,14 +104,7 @@ def bench(benchmark, model, batch: int, mode: str, row: str, device: torch.devic
                 model(images, boxes)
     else:
         model.train()
-        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                low, _ = model(images, boxes)
-            dice_bce(low, target).backward()
-            opt.step()
+        step = train_step(model, images, boxes, target, amp)
 
     def timed():
         step()
@@ -116,7 +123,7 @@ def bench(benchmark, model, batch: int, mode: str, row: str, device: torch.devic
         oom = str(e).split(". ")[0]
     model.zero_grad(set_to_none=True)
     if oom is not None:  # pytest.fail's traceback holds this frame: drop what it would keep alive
-        del step, timed, opt, images, boxes, target
+        del step, timed, images, boxes, target  # the step's closure holds the optimiser
         gc.collect()
         torch.cuda.empty_cache()
         pytest.fail(f"out of memory: {oom}", pytrace=False)
