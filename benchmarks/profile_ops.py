@@ -94,7 +94,7 @@ def channel_attention_cases():
     # The benchmark's own builders (benchmarks/test_channel_attention.py), so each profile is of
     # exactly what a benchmark row times: our CUDA and Triton ops, and eager PyTorch written NCHW
     # (the baseline of #4's goal). fp32 with TF32 off everywhere, as the benchmark runs it.
-    from test_channel_attention import CUDA_VARIANTS, _build
+    from test_channel_attention import CUDA_VARIANTS, _build, backend_for
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     knobs = {knob for variant in CUDA_VARIANTS.values() for knob in variant}
@@ -114,8 +114,9 @@ def channel_attention_cases():
         def step(model=model, x=x, g=g):
             torch.autograd.grad(model(x), [x, *model.parameters()], g)
 
-        _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
-                 gemm_shapes=impl == "cuda" and shape[0] > 1, host_ops=shape[0] == 1)
+        with backend_for(impl):
+            _profile(f"channel_attention {impl} {'x'.join(map(str, shape))} {str(dtype)[6:]} fwd+bwd", step,
+                     gemm_shapes=impl == "cuda" and shape[0] > 1, host_ops=shape[0] == 1)
         for knob in knobs:
             os.environ.pop(knob, None)
 
