@@ -8,7 +8,7 @@ one image as for two, which is a host-bound step (benchmarks/NOTES.md section 16
 benchmark records the count of its training rows; as a script it prints a configuration's count by
 phase and the ops it dispatches most:
 
-    python benchmarks/op_count.py --variant vit_b --img-size 256 --bf16 [--top 25]
+    python benchmarks/op_count.py --variant vit_b --img-size 256 --bf16 [--top 25] [--by-module 4]
 
 (The count does not depend on the image size, apart from SAM's decoder running once per image.)
 """
@@ -41,6 +41,36 @@ def aten_ops(run: Callable[[], object]) -> Counter[str]:
     return mode.ops
 
 
+def forward_ops_by_module(model: torch.nn.Module, run: Callable[[], object], depth: int = 3) -> Counter[str]:
+    """Module -> ATen ops its own forward code dispatched during run() (its submodules' ops count
+    for them), the module paths cut to `depth` names with numeric indices as `*` (the twelve ViT
+    blocks add up as image_encoder.blocks.*.attn). Forward only: backward ops run outside any module."""
+    stack = ["(outside any module)"]
+    per_module: Counter[str] = collections.Counter()
+
+    def label(name: str) -> str:
+        return ".".join("*" if part.isdigit() else part for part in name.split(".")[:depth])
+
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(lambda m, a, lab=label(name): stack.append(lab)))
+            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None))
+
+    class _ByModule(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            per_module[stack[-1]] += 1
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _ByModule():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return per_module
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="vit_b")
@@ -50,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", help="op backend (dbsam.ops.use_backend)")
     parser.add_argument("--vit-attention", default="sdpa", choices=("sdpa", "sam"))
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--by-module", type=int, default=0, metavar="DEPTH",
+                        help="also the forward's ops by module, paths cut to DEPTH names")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -75,11 +107,16 @@ def main(argv=None) -> int:
         box = {}
         fwd = aten_ops(lambda: box.setdefault("loss", forward()))
         bwd = aten_ops(lambda: box["loss"].backward())
+        by_module = forward_ops_by_module(model, forward, args.by_module) if args.by_module else None
     for name, ops in (("forward", fwd), ("backward", bwd)):
         print(f"{name}: {sum(ops.values())} aten ops")
         for op, n in ops.most_common(args.top):
             print(f"  {n:6d} {op}")
     print(f"forward + backward: {sum(fwd.values()) + sum(bwd.values())} aten ops")
+    if by_module:
+        print(f"forward by module (depth {args.by_module}):")
+        for name, n in by_module.most_common(args.top):
+            print(f"  {n:6d} {name}")
     return 0
 
 

@@ -16,6 +16,31 @@ def test_counts_forward_and_backward():
     assert bwd["aten.mm"] == 2 and bwd["aten.threshold_backward"] == 1  # both mm grads, relu's
 
 
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    def forward(self, x):
+        x = self.a(x)
+        for b in self.blocks:
+            x = b(x)
+        return x.relu()
+
+
+def test_forward_ops_by_module():
+    by_module = import_from("benchmarks", "op_count").forward_ops_by_module
+    model = _Net()
+    x = torch.randn(3, 4)
+    with torch.no_grad():  # (with grad, relu's saved output adds a detach)
+        ops = by_module(model, lambda: model(x).sum(), depth=2)
+    # Each Linear: t + addmm; the two blocks add up under blocks.*; the root's relu and the sum are
+    # outside any named module.
+    assert ops == {"a": 2, "blocks.*": 4, "(outside any module)": 2}, ops
+    assert not model.a._forward_hooks and not model.a._forward_pre_hooks  # hooks removed
+
+
 _NO_CPU_OP = _backends.why_not("channel_attention", "cpu", torch.device("cpu"))
 
 
