@@ -51,11 +51,14 @@ def forward_ops_by_module(model: torch.nn.Module, run: Callable[[], object], dep
     def label(name: str) -> str:
         return ".".join("*" if part.isdigit() else part for part in name.split(".")[:depth])
 
+    def leave(module, args, output):  # returns None: the module's output stays as it is
+        stack.pop()
+
     handles = []
     for name, mod in model.named_modules():
         if name:
             handles.append(mod.register_forward_pre_hook(lambda m, a, lab=label(name): stack.append(lab)))
-            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None))
+            handles.append(mod.register_forward_hook(leave))
 
     class _ByModule(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -46,15 +46,12 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def _device_us(e) -> float:
-    return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0) or 0.0
-
-
 def profile_step(step, device: torch.device, reps: int = 3, warm: int = 2, top: int = 15):
     """Runs step() `warm` times, then `reps` times under the profiler; prints the table."""
     from torch.profiler import ProfilerActivity, profile
 
     from conftest import host_and_wall_us
+    from profile_ops import device_us
 
     def sync():
         if device.type == "cuda":
@@ -73,10 +70,10 @@ def profile_step(step, device: torch.device, reps: int = 3, warm: int = 2, top: 
     kernels = []
     for e in prof.key_averages():
         if device.type == "cuda":
-            # Kernels and memcpy/memset activities: device time with no CPU-side op of their own.
+            # Kernels and memcpy/memset activities (no children: their device time is their own).
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            t = e.self_device_time_total if hasattr(e, "self_device_time_total") else _device_us(e)
+            t = device_us(e)
         else:
             t = e.self_cpu_time_total
         if t <= 0:
@@ -93,7 +90,6 @@ def profile_step(step, device: torch.device, reps: int = 3, warm: int = 2, top: 
               f"x{launches[kind]:.0f}")
     for t, n, name in sorted(kernels, reverse=True)[:top]:
         print(f"      {t / 1e3:8.2f} ms  x{n:<5.0f} [{kind_of(name)}] {name[:100]}")
-    return by_kind
 
 
 def main(argv=None) -> int:

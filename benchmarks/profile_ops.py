@@ -19,6 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import host_and_wall_us  # noqa: E402
 
 
+def device_us(e) -> float:
+    """A profiler event's device time in us, whichever name this torch gives it (device_time_total;
+    cuda_time_total in older releases)."""
+    return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
+
+
 def _profile(name, step, reps=5, top=12, gemm_shapes=False, host_ops=False):
     """gemm_shapes: also list the matmul calls (aten::mm/bmm/baddbmm/addmm) by input shape with their
     CUDA time: run 4 showed two fp32 cuBLAS kernels of ~55 us each inside the bf16 adapter op whose
@@ -38,7 +44,7 @@ def _profile(name, step, reps=5, top=12, gemm_shapes=False, host_ops=False):
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        t = device_us(e)
         if t > 0:
             rows.append((t / reps, e.count // reps, e.key))
     rows.sort(reverse=True)
@@ -53,8 +59,8 @@ def _profile(name, step, reps=5, top=12, gemm_shapes=False, host_ops=False):
             torch.cuda.synchronize()
         mm = [e for e in prof.key_averages(group_by_input_shape=True)
               if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm")]
-        for e in sorted(mm, key=lambda e: -(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0))):
-            t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / reps
+        for e in sorted(mm, key=lambda e: -device_us(e)):
+            t = device_us(e) / reps
             print(f"   [gemm] {t:9.1f} us  x{e.count // reps:<3d} {e.key} {e.input_shapes}")
     if host_ops:
         print_host_ops(step, reps)

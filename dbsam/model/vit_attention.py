@@ -126,7 +126,7 @@ class SDPARelPosAttention(Attention):
     def _cached_tables(self, size, q: torch.Tensor) -> Optional[RelPosTables]:
         """rel_pos_tables for this call, kept from the last call while they cannot have changed.
 
-        Why: they take ~40 of the ~90 ops this forward dispatches (SAM's two gathers, the one-hot key
+        Why: they took ~30 of the ~87 ops this forward dispatched (SAM's two gathers, the one-hot key
         columns, casts, pads), the same every step; a DB-SAM training step dispatches ~7000 ops, and
         the GPU machine's host was measured at ~10-30 us an op, the bf16 batch 1-2 steps host-bound
         (benchmarks/NOTES.md section 16). Kept only where nothing can notice: the tables need no

@@ -267,7 +267,8 @@ static void run_case(int B, int H, int W, int C) {
   // Without the op's residual (gy == nullptr): the same minus gy.
   for (int64_t i = 0; i < N; ++i) gx[i] -= double(gy[i]);
   cuda_emu::launch(dim3(unsigned((P + WARPS - 1) / WARPS)), dim3(WARPS * 32), [&] {
-    ln_backward_kernel<S, A, VEC>(gn_k.data(), x.data(), nullptr, mean.data(), rstd.data(), g.data(), gx_k.data(), P, C);
+    ln_backward_kernel<S, A, VEC>(gn_k.data(), x.data(), nullptr, mean.data(), rstd.data(), g.data(), gx_k.data(), P,
+                                  C);
   });
   expect_close("ln_backward without residual", gx_k, gx, tol_s, tag);
 }
