@@ -10,7 +10,8 @@ phase and the ops it dispatches most:
 
     python benchmarks/op_count.py --variant vit_b --img-size 256 --bf16 [--top 25] [--by-module 4]
 
-(The count does not depend on the image size, apart from SAM's decoder running once per image.)
+(The count does not depend on the image size, nor, since the decoder takes the whole batch in one call
+(dbsam/model/decoder.py), much on the batch.)
 """
 import argparse
 import collections

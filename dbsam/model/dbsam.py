@@ -28,6 +28,7 @@ from .config import DBSAMConfig
 from .conv_branch import ConvBranch, LevelMerge
 from .cross_attention import (GEOMETRY_BUFFERS, BilateralCrossAttention, MapGeometry, geometry_buffers,
                               geometry_from_buffers)
+from .decoder import predict_masks
 from .fusion import ViTConvFusion
 from .vit_attention import set_vit_attention
 from .vit_branch import build_image_encoder, embed, norms_in_fp32, run_block, run_neck, stage_ranges
@@ -144,17 +145,12 @@ class DBSAM(nn.Module):
         if boxes.shape[0] != embeddings.shape[0] or boxes.shape[-1] != 4:
             raise ValueError(f"boxes must be (B, 4) or (B, K, 4) with B = {embeddings.shape[0]}, "
                              f"got {tuple(boxes.shape)}")
-        image_pe = self.prompt_encoder.get_dense_pe()
-        logits, ious = [], []
-        # SAM's decoder pairs one image with all its prompts: one call per image.
-        for emb, img_boxes in zip(embeddings, boxes):
-            sparse, dense = self.prompt_encoder(points=None, boxes=img_boxes, masks=None)
-            low_res, iou = self.mask_decoder(image_embeddings=emb[None], image_pe=image_pe,
-                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                             multimask_output=False)
-            logits.append(low_res[:, 0])
-            ious.append(iou[:, 0])
-        return torch.stack(logits), torch.stack(ious)
+        B, K = boxes.shape[:2]
+        # All B*K boxes through the prompt encoder and the decoder at once (decoder.py), image-major.
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(B * K, 4), masks=None)
+        masks, iou = predict_masks(self.mask_decoder, embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        # Single-mask output, as SAM's multimask_output=False: the first mask token's.
+        return masks[:, 0].unflatten(0, (B, K)), iou[:, 0].unflatten(0, (B, K))
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) normalised (see preprocess); boxes (B, 4) XYXY in the S x S frame.
