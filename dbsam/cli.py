@@ -194,7 +194,7 @@ def cmd_export(args):
 
     import dbsam.ops
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     try:
         table = dbsam.ops.onnx_translation_table()
@@ -202,18 +202,26 @@ def cmd_export(args):
         raise ValueError(str(err)) from err
     model, what = _load_model(args, torch.device("cpu"))
     print(f"model: {what}", flush=True)
-    S, B = model.config.img_size, args.batch
-    # The batch is fixed in the file: SAM's mask decoder pairs one image with its prompts, so decode
-    # runs one decoder call per image, which the export unrolls (example values only fix shapes).
+    S = model.config.img_size
+    # The batch stays a dimension of the file (one decoder call for all images: model/decoder.py)
+    # unless --batch fixes it. Traced at 2 images where dynamic: torch.export specialises a size of 1.
+    B = args.batch or 2
     images = torch.zeros(B, 3, S, S)
     boxes = torch.tensor([[0.0, 0.0, S - 1.0, S - 1.0]]).repeat(B, 1)
+    dynamic = None
+    if args.batch is None:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic = {"images": {0: batch}, "boxes": {0: batch}}
     with torch.no_grad():
         program = torch.onnx.export(model.eval(), (images, boxes), dynamo=True, input_names=["images", "boxes"],
-                                    output_names=["low_res_logits", "iou"], custom_translation_table=table)
+                                    output_names=["low_res_logits", "iou"], custom_translation_table=table,
+                                    dynamic_shapes=dynamic)
     program.save(args.out)
-    print(f"wrote {args.out}: images ({B}, 3, {S}, {S}) normalised and padded as DBSAM.preprocess does, "
-          f"boxes ({B}, 4) XYXY in that {S} x {S} frame -> low_res_logits ({B}, 1, {S // 4}, {S // 4}), "
-          f"iou ({B}, 1); resizing to the original image is the caller's (DBSAMPredictor does it in PyTorch)")
+    n = args.batch or "B"
+    print(f"wrote {args.out}: images ({n}, 3, {S}, {S}) normalised and padded as DBSAM.preprocess does, "
+          f"boxes ({n}, 4) XYXY in that {S} x {S} frame -> low_res_logits ({n}, 1, {S // 4}, {S // 4}), "
+          f"iou ({n}, 1){'' if args.batch else ', any batch B'}; resizing to the original image is the caller's "
+          "(DBSAMPredictor does it in PyTorch)")
     return 0
 
 
@@ -296,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the model (images and boxes in, mask logits and IoU out) as an ONNX "
                        "file that ONNX Runtime, TensorRT and the like run without custom ops (needs the onnx extra)")
     p.add_argument("--out", default="dbsam.onnx", help="output file (default dbsam.onnx)")
-    p.add_argument("--batch", type=int, default=1, help="images per call, fixed in the file (default 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="fix the images per call in the file (default: any batch, one box per image)")
     _model_options(p)
 
     p = sub.add_parser("demo", help="synthetic data, short CPU fine-tuning of DB-SAM and the MedSAM "

@@ -159,19 +159,25 @@ def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
 
     from dbsam.train.methods import build_model
 
-    out = tmp_path / "dbsam.onnx"
-    assert main(["export", "--out", str(out), "--batch", "2", "--seed", "3"]) == 0
+    model = build_model("dbsam", "tiny", init_seed=3).eval()  # what `export` builds: untrained tiny, seed 3
+    g = torch.Generator().manual_seed(0)
+    fixed, dynamic = tmp_path / "fixed.onnx", tmp_path / "dynamic.onnx"
+    assert main(["export", "--out", str(fixed), "--batch", "2", "--seed", "3"]) == 0
     assert "low_res_logits (2, 1, 32, 32)" in capsys.readouterr().out
-    model = build_model("dbsam", "tiny", init_seed=3).eval()  # what `export` built: untrained tiny, seed 3
-    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # not the traced values
-    boxes = torch.tensor([[4.0, 8.0, 90.0, 120.0], [30.0, 20.0, 60.0, 70.0]])
-    with torch.no_grad():
-        want = model(images, boxes)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": images.numpy(), "boxes": boxes.numpy()})
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.from_numpy(g), w, atol=1e-4, rtol=1e-4)
-    assert main(["export", "--out", str(out), "--batch", "0"]) == 2
+    assert main(["export", "--out", str(dynamic), "--seed", "3"]) == 0
+    assert "low_res_logits (B, 1, 32, 32)" in capsys.readouterr().out
+    for path, batches in ((fixed, (2,)), (dynamic, (1, 3))):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for B in batches:
+            images = torch.randn(B, 3, 128, 128, generator=g)  # not the traced values
+            lo = torch.rand(B, 2, generator=g) * 60
+            boxes = torch.cat([lo, lo + 8 + torch.rand(B, 2, generator=g) * 60], 1)
+            with torch.no_grad():
+                want = model(images, boxes)
+            got = session.run(None, {"images": images.numpy(), "boxes": boxes.numpy()})
+            for gt, w in zip(got, want):
+                torch.testing.assert_close(torch.from_numpy(gt), w, atol=1e-4, rtol=1e-4, msg=f"{path.name} B={B}")
+    assert main(["export", "--out", str(fixed), "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
 
 
