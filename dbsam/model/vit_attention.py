@@ -41,11 +41,11 @@ HEAD_ALIGN = 8
 
 class RelPosTables(NamedTuple):
     """What fold_rel_pos needs besides q and k, none of it depending on the tokens: SAM's gathered
-    rel-pos tables Rh (H, H, hd) and Rw (W, W, hd) in q's dtype, the key side's constant columns
-    (N, H + W + pad) (the one-hot rows of each key's kh and kw, then the zero padding) and the query
-    side's zero padding (1, 1, 1, pad), or None without padding."""
-    Rh: torch.Tensor
-    Rw: torch.Tensor
+    rel-pos tables as matmul right-hand sides, Rh_t (H, hd, H) = [qh, c, kh] and Rw_t (W, hd, W), in
+    q's dtype; the key side's constant columns (N, H + W + pad) (the one-hot rows of each key's kh and
+    kw, then the zero padding); the query side's zero padding (1, 1, 1, 1, pad), or None without padding."""
+    Rh_t: torch.Tensor
+    Rw_t: torch.Tensor
     key_tail: torch.Tensor
     q_pad: Optional[torch.Tensor]
 
@@ -53,15 +53,15 @@ class RelPosTables(NamedTuple):
 def rel_pos_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size, hd: int, dtype: torch.dtype,
                    device: torch.device) -> RelPosTables:
     H, W = size
-    Rh = get_rel_pos(H, H, rel_pos_h).to(dtype)              # (H, H, hd): [qh, kh, c]
-    Rw = get_rel_pos(W, W, rel_pos_w).to(dtype)              # (W, W, hd): [qw, kw, c]
+    Rh_t = get_rel_pos(H, H, rel_pos_h).to(dtype).transpose(1, 2).contiguous()   # (H, hd, H)
+    Rw_t = get_rel_pos(W, W, rel_pos_w).to(dtype).transpose(1, 2).contiguous()   # (W, hd, W)
     pad = -(hd + H + W) % HEAD_ALIGN
     # Key token n = kh * W + kw: its one-hot rows, then the padding.
     onehot_h = torch.eye(H, dtype=dtype, device=device).repeat_interleave(W, dim=0)   # (N, H)
     onehot_w = torch.eye(W, dtype=dtype, device=device).repeat(H, 1)                  # (N, W)
     key_tail = F.pad(torch.cat([onehot_h, onehot_w], dim=-1), (0, pad))
-    q_pad = torch.zeros(1, 1, 1, pad, dtype=dtype, device=device) if pad else None
-    return RelPosTables(Rh, Rw, key_tail, q_pad)
+    q_pad = torch.zeros(1, 1, 1, 1, pad, dtype=dtype, device=device) if pad else None
+    return RelPosTables(Rh_t, Rw_t, key_tail, q_pad)
 
 
 def fold_rel_pos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
@@ -74,14 +74,20 @@ def fold_rel_pos(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_
     B, heads, N, hd = q.shape
     if tables is None:
         tables = rel_pos_tables(rel_pos_h, rel_pos_w, size, hd, q.dtype, q.device)
+    # rel_h[.., qh, qw, kh] = <q, Rh[qh, kh]>: one bmm batched over qh, q's other dims in its rows;
+    # rel_w the same over qw. Written out rather than as einsum, which also copied its result into
+    # place (18 ops a term, here 6): the cat below reads the permuted results as they are. Not a
+    # broadcasting matmul either: that would expand the table to q's size and keep it for backward.
     r_q = q.reshape(B, heads, H, W, hd)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, tables.Rh).reshape(B, heads, N, H)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, tables.Rw).reshape(B, heads, N, W)
+    rel_h = torch.bmm(r_q.permute(2, 0, 1, 3, 4).reshape(H, -1, hd), tables.Rh_t)   # (H, B*heads*W, H)
+    rel_h = rel_h.view(H, B, heads, W, H).permute(1, 2, 0, 3, 4)                     # (B, heads, H, W, H)
+    rel_w = torch.bmm(r_q.permute(3, 0, 1, 2, 4).reshape(W, -1, hd), tables.Rw_t)   # (W, B*heads*H, W)
+    rel_w = rel_w.view(W, B, heads, H, W).permute(1, 2, 3, 0, 4)                     # (B, heads, H, W, W)
     # One cat a side, the constant columns broadcast into it (no separate pad pass over q' or k').
-    q_parts = [q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)]
+    q_parts = [r_q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)]
     if tables.q_pad is not None:
-        q_parts.append(tables.q_pad.expand(B, heads, N, -1))
-    q2 = torch.cat(q_parts, dim=-1)
+        q_parts.append(tables.q_pad.expand(B, heads, H, W, -1))
+    q2 = torch.cat(q_parts, dim=-1).view(B, heads, N, -1)
     k2 = torch.cat([k, tables.key_tail.to(k.dtype).expand(B, heads, N, -1)], dim=-1)
     return q2, k2
 

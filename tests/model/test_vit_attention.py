@@ -179,8 +179,10 @@ def test_frozen_tables_are_kept_and_follow_the_parameters():
     torch.testing.assert_close(out, set_vit_attention(attn, "sam")(x), rtol=1e-10, atol=1e-12)
     attn32 = set_vit_attention(attn.float(), "sdpa")
     out32 = attn32(x.float())
-    assert attn32._rel_pos_tables[1].Rh.dtype == torch.float32
-    torch.testing.assert_close(out32, set_vit_attention(attn32, "sam")(x.float()), rtol=1e-5, atol=1e-5)
+    assert attn32._rel_pos_tables[1].Rh_t.dtype == torch.float32
+    # Against the float64 result: fp32 rounding relative to the output's scale (|out| reaches ~100 with
+    # these random parameters), as SAM's own fp32 forward has it.
+    torch.testing.assert_close(out32.double(), out, rtol=1e-5, atol=1e-5 * out.abs().max().item())
 
 
 def test_tables_needing_a_gradient_are_never_kept():
