@@ -103,8 +103,8 @@ class CrossAttentionBlock(nn.Module):
         shapes, starts = value_geometry.shapes, value_geometry.starts
 
         a = self.attn(self.query_norm(q), ref, self.value_norm(v), shapes, starts)
-        x = q + self.drop_path(self.dropout(a))
-        x = x + self.drop_path(self.ffn(self.ffn_norm(x)))
+        x = self.drop_path.add(q, self.dropout(a))                 # q + DropPath(Dropout(a))
+        x = self.drop_path.add(x, self.ffn(self.ffn_norm(x)))      # x + DropPath(FFN(LN(x)))
         return unflatten_maps(x, q_sizes)
 
 

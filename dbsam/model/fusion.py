@@ -40,4 +40,4 @@ class ViTConvFusion(nn.Module):
         a_s = self.conv_logits(pooled(f_s))
         m = torch.sigmoid(a_d.float() + a_s.float()).to(f_d.dtype)
         f = f_d * m + f_s * (1 - m)
-        return f + self.drop_path(self.mlp(self.norm(f)))
+        return self.drop_path.add(f, self.mlp(self.norm(f)))      # F + DropPath(MLP(LN(F)))
