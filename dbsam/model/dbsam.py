@@ -31,7 +31,8 @@ from .cross_attention import (GEOMETRY_BUFFERS, BilateralCrossAttention, MapGeom
 from .decoder import predict_masks
 from .fusion import ViTConvFusion
 from .vit_attention import set_vit_attention
-from .vit_branch import build_image_encoder, embed, norms_in_fp32, run_block, run_neck, stage_ranges
+from .vit_branch import (build_image_encoder, embed, frozen_linears, norms_in_fp32, run_block, run_neck,
+                         stage_ranges)
 
 # Parts of the model, by parameter-name prefix, and whether they train (docs/model.md).
 PARTS: Tuple[Tuple[str, str, bool], ...] = (
@@ -79,6 +80,7 @@ class DBSAM(nn.Module):
         for sam_part in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
             norms_in_fp32(sam_part)  # SAM's LayerNorm2d in fp32 under autocast; same names and weights
         self.set_vit_attention(cfg.vit_attention)
+        frozen_linears(self.image_encoder.blocks)  # their autocast copies kept between steps
 
         # ViT branch: stages of frozen blocks, each followed by channel attention (Eq. 1).
         self.stages = stage_ranges(cfg.depth, cfg.num_stages)

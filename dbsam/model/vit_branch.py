@@ -77,6 +77,50 @@ def norms_in_fp32(module: nn.Module) -> nn.Module:
     return module
 
 
+class FrozenLinear(nn.Linear):
+    """nn.Linear that keeps its autocast-dtype weight and bias between calls while they are frozen.
+
+    Why: autocast casts a weight at every use unless it requires grad (its own cache holds only
+    those, and only within one autocast region), so each step cast the frozen ViT's 48 Linear
+    weights and biases again: 96 ops and ~170 MB (ViT-B, bf16) written a step, and the bf16 weight
+    kept for backward as activation memory. Here the copy is made once and autograd keeps the same
+    one. Kept only while nothing can notice: no gradient wanted for the weights, not while
+    torch.compile traces (it hoists the casts itself), and keyed on dtype, device, storage and
+    version counter of both tensors (an optimiser step, load_state_dict or .to() makes new ones).
+    Same parameters and names as nn.Linear; outside autocast it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        dev = x.device.type
+        if (not torch.is_autocast_enabled(dev) or w.requires_grad or (b is not None and b.requires_grad)
+                or torch.compiler.is_compiling()):
+            return F.linear(x, w, b)
+        dtype = torch.get_autocast_dtype(dev)
+        if w.dtype == dtype or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what autocast casts
+            return F.linear(x, w, b)
+        try:
+            key = (dtype, w.device, w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
+        except RuntimeError:  # inference tensors keep no version counter
+            return F.linear(x, w, b)
+        cached = self.__dict__.get("_autocast_copies")
+        # The parameters are held with their copies, so that a replaced one cannot take the old one's
+        # address (and version) while the key names it.
+        if cached is None or cached[0] != key or cached[2] is not w or cached[3] is not b:
+            with torch.no_grad():
+                copies = (w.to(dtype), b.to(dtype) if b is not None else None)
+            cached = (key, copies, w, b)
+            self.__dict__["_autocast_copies"] = cached
+        return F.linear(x, *cached[1])
+
+
+def frozen_linears(module: nn.Module) -> nn.Module:
+    """Turn every nn.Linear inside `module` (the frozen ViT blocks) into FrozenLinear, in place."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FrozenLinear
+    return module
+
+
 def run_neck(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """SAM's neck (1x1 conv, LN2d, 3x3 conv, LN2d) on channels-last tokens -> (B, out, H, W)."""
     return neck(x.permute(0, 3, 1, 2))
