@@ -138,12 +138,15 @@ class SDPARelPosAttention(Attention):
         (benchmarks/NOTES.md section 16). Kept only where nothing can notice: the tables need no
         gradient (frozen ViT, or no grad mode), not while torch.compile traces (it folds them itself),
         and keyed on the rel-pos parameters' storage and version counters (an optimiser step, a
-        load_state_dict or a .to() makes new ones) and on the shape, dtype and device of q."""
+        load_state_dict or a .to() makes new ones), on the shape, dtype and device of q and on
+        inference mode."""
         h, w = self.rel_pos_h, self.rel_pos_w
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)):
             return None
         try:
-            key = (size, q.shape[-1], q.dtype, q.device, h.data_ptr(), h._version, w.data_ptr(), w._version)
+            # Tables made under inference_mode are inference tensors, which autograd refuses to save.
+            key = (size, q.shape[-1], q.dtype, q.device, torch.is_inference_mode_enabled(), h.data_ptr(), h._version,
+                   w.data_ptr(), w._version)
         except RuntimeError:  # inference tensors keep no version counter
             return None
         cached = getattr(self, "_rel_pos_tables", None)

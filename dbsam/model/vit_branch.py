@@ -86,7 +86,8 @@ class FrozenLinear(nn.Linear):
     kept for backward as activation memory. Here the copy is made once and autograd keeps the same
     one. Kept only while nothing can notice: no gradient wanted for the weights, not while
     torch.compile traces (it hoists the casts itself), and keyed on dtype, device, storage and
-    version counter of both tensors (an optimiser step, load_state_dict or .to() makes new ones).
+    version counter of both tensors (an optimiser step, load_state_dict or .to() makes new ones) and on
+    inference mode.
     Same parameters and names as nn.Linear; outside autocast it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,9 @@ class FrozenLinear(nn.Linear):
         if w.dtype == dtype or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what autocast casts
             return F.linear(x, w, b)
         try:
-            key = (dtype, w.device, w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
+            # Copies made under inference_mode are inference tensors, which autograd refuses to save.
+            key = (dtype, w.device, torch.is_inference_mode_enabled(), w.data_ptr(), w._version) + (
+                (b.data_ptr(), b._version) if b is not None else ())
         except RuntimeError:  # inference tensors keep no version counter
             return F.linear(x, w, b)
         cached = self.__dict__.get("_autocast_copies")

@@ -112,3 +112,17 @@ def test_dbsam_vit_blocks_use_it():
     linears = [t for t in m.image_encoder.blocks.modules() if isinstance(t, nn.Linear)]
     assert linears and all(type(t) is FrozenLinear for t in linears)
     assert not any(type(t) is FrozenLinear for t in m.cross_attention.modules())  # trainable parts untouched
+
+
+def test_copies_made_in_inference_mode_do_not_reach_autograd():
+    """A predictor under inference_mode, then training: the inference-tensor copies are not reused
+    where autograd must save them."""
+    ref, ours = _pair()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(torch.randn(2, 24))
+    x = torch.randn(2, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x * 1.0)
+        assert torch.equal(out, ref(x * 1.0))
+    out.float().sum().backward()
+    assert x.grad is not None

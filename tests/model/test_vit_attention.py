@@ -244,3 +244,12 @@ def test_gpu_uses_a_fused_kernel(shape, dtype, pad_v, monkeypatch):
     print(shape, dtype, "relative max difference sdpa vs sam:", errors)
     bound = 3e-2 if dtype == torch.bfloat16 else 1e-4
     assert errors["out"] < bound and errors["grad_x"] < bound, errors
+
+
+def test_tables_made_in_inference_mode_do_not_reach_autograd():
+    attn = set_vit_attention(sam_attention(dtype=torch.float32).requires_grad_(False), "sdpa")
+    with torch.inference_mode():
+        attn(torch.randn(2, 6, 5, 32))
+    x = torch.randn(2, 6, 5, 32, requires_grad=True)
+    attn(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
