@@ -15,6 +15,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dbsam.ops._backends import autocast_dtype
+
 from .config import DBSAMConfig
 
 
@@ -92,11 +94,9 @@ class FrozenLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        dev = x.device.type
-        if (not torch.is_autocast_enabled(dev) or w.requires_grad or (b is not None and b.requires_grad)
-                or torch.compiler.is_compiling()):
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None or w.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
             return F.linear(x, w, b)
-        dtype = torch.get_autocast_dtype(dev)
         if w.dtype == dtype or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what autocast casts
             return F.linear(x, w, b)
         try:

@@ -58,6 +58,17 @@ def alert_not_deterministic(what: str) -> None:
         raise RuntimeError(msg)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast region active for `device_type`, or None when there is none,
+    including device types autocast does not know (meta: torch raises there rather than answer)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def register(op: str, backend: str, reason: Callable[[torch.device], str], not_auto: str = "") -> None:
     """`reason(device)` says why `backend` cannot run `op` there ('' when it can). A non-empty
     `not_auto` keeps the backend out of `auto`'s choice, for the reason it gives (the backend still

@@ -126,3 +126,10 @@ def test_copies_made_in_inference_mode_do_not_reach_autograd():
         assert torch.equal(out, ref(x * 1.0))
     out.float().sum().backward()
     assert x.grad is not None
+
+
+def test_meta_tensors_take_the_plain_path():
+    """A shape-only run on the meta device: autocast has no meta device (torch raises when asked)."""
+    with torch.device("meta"):
+        ours = FrozenLinear(24, 40).requires_grad_(False)
+    assert ours(torch.randn(5, 24, device="meta")).shape == (5, 40)

@@ -229,6 +229,18 @@ def test_bad_inputs(backend, over, exc, word):
         channel_attention(**_args(**over), backend=backend)
 
 
+def test_meta_tensors_give_shapes():
+    """Everything on the meta device (a shape-only run): the output's and the gradients' shapes, no
+    error from the autocast query (torch raises for device types autocast does not know)."""
+    with torch.device("meta"):
+        mod = ChannelAttention(24)
+    x = torch.randn(3, 7, 5, 24, device="meta", requires_grad=True)
+    y = mod(x)
+    assert y.shape == x.shape and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and mod.pwconv.weight.grad.shape == mod.pwconv.weight.shape
+
+
 def test_bad_branch_scale():
     with pytest.raises(ValueError, match="branch_scale"):
         channel_attention(**_args(), branch_scale=torch.ones(3))

@@ -190,9 +190,7 @@ _RUNNERS = {"cuda": _run_native, "cpu": _run_native, "triton": _run_triton, "ref
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast would run a convolution on x in, where it would change x's (float32 x, an
     autocast region of x's device type, to float16 or bfloat16); None elsewhere."""
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
-        return None
-    low = torch.get_autocast_dtype(x.device.type)
+    low = _backends.autocast_dtype(x.device.type) if x.dtype == torch.float32 else None
     return low if low in _LOW else None
 
 
