@@ -445,6 +445,23 @@ def test_module_exports():
     torch.testing.assert_close(exported.module()(*args), module(*args))
 
 
+@needs_native
+def test_meta_tensors_give_shapes():
+    """A shape-only run (the module built and called on the meta device): the native op's fake kernel
+    answers, gradients included, and no level size is read (meta tensors hold none)."""
+    with torch.device("meta"):
+        module = ops.MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    spatial = torch.tensor([[6, 5], [3, 3]], device="meta")
+    starts = torch.tensor([0, 30], device="meta")
+    query = torch.randn(2, 7, 32, device="meta", requires_grad=True)
+    value = torch.randn(2, 39, 32, device="meta", requires_grad=True)
+    out = module(query, torch.rand(2, 7, 2, 2, device="meta"), value, spatial, starts)
+    assert out.shape == (2, 7, 32) and out.device.type == "meta"
+    out.sum().backward()
+    assert query.grad.shape == query.shape and value.grad.shape == value.shape
+    assert module.sampling_offsets.weight.grad.shape == module.sampling_offsets.weight.shape
+
+
 def test_level_checks_are_remembered_per_tensor_pair():
     # On the GPU the level check is a host sync, so a (shapes, starts) pair is checked once and
     # remembered; the memory is keyed on the objects and their in-place version. Meta tensors stand

@@ -71,7 +71,9 @@ def validate(value, spatial_shapes, level_start_index, sampling_locations, atten
         if t.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}; "
                              "all inputs must be on one device")
-    if not _is_compiling() and not _checked_before(spatial_shapes, level_start_index, S):
+    # Meta tensors (a shape-only run) hold no level sizes to read.
+    if not _is_compiling() and spatial_shapes.device.type != "meta" and not _checked_before(
+            spatial_shapes, level_start_index, S):
         _validate_levels(spatial_shapes, level_start_index, S)
         _remember_checked(spatial_shapes, level_start_index, S)
 
@@ -209,7 +211,13 @@ def ms_deform_attn(value: torch.Tensor, value_spatial_shapes: torch.Tensor, valu
     del im2col_step  # the kernels need no batch chunking
     validate(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights)
     name = _backends._check_name(backend) if backend is not None else "auto"
-    if name == "auto":
+    if value.device.type == "meta":
+        # Shapes only: the native op's fake kernel answers for meta tensors, with its autograd.
+        if not _native.HAS_NATIVE:
+            raise RuntimeError("ms_deform_attn on meta tensors needs the compiled extension (dbsam._C), "
+                               "whose fake kernel gives the shapes; the reference reads the level sizes")
+        name = "cpu"
+    elif name == "auto":
         name = _backends.resolve(OP, value.device)
     else:
         reason = _backends.why_not(OP, name, value.device)
