@@ -64,7 +64,8 @@ def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train_step(model, images, boxes, target, amp):
     """One training step as the benchmarks time it: Dice + BCE on the low-res logits under `amp()`,
     backward, AdamW (a fresh optimiser per call of train_step; its state appears at the first step)."""
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.01)
+    params = list(model.trainable_parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=params[0].is_cuda)  # as dbsam.train does
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -190,7 +190,10 @@ def _train(opts: TrainOptions, dataset, info) -> dict:
                         drop_last=True, generator=torch.Generator().manual_seed(opts.seed))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    # fused on CUDA: one multi-tensor kernel for DB-SAM's ~350 trainable tensors instead of the
+    # foreach path's dozen Python-driven launches, the same update (the step is host-bound at batch 1-2).
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay,
+                                  fused=bool(params) and params[0].is_cuda)
 
     state = {"step": 0, "epoch": 0, "position": 0}
     total = opts.steps or opts.epochs * sampler.steps_per_epoch
