@@ -1,6 +1,35 @@
 """Small layers shared by the DB-SAM modules."""
+from typing import Callable, Sequence, TypeVar
+
 import torch
 from torch import nn
+
+T = TypeVar("T")
+
+
+def kept(owner: object, slot: str, tensors: Sequence[torch.Tensor], key: tuple, make: Callable[[], T]) -> T:
+    """make()'s result (run without grad), kept in owner.__dict__[slot] while it cannot have changed:
+    rebuilt when `key` differs or any of `tensors` was modified in place (version counter), moved or
+    replaced (storage, identity), or the inference mode changed (what is made under inference_mode
+    is an inference tensor, which autograd refuses to save). None while torch.compile traces (it
+    folds such work itself) or for tensors that keep no version counter (inference tensors).
+    Not seen: writes through `.data`, which bump no version counter. The caller decides whether
+    keeping is safe at all (e.g. nothing that needs a gradient)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        full = (key, torch.is_inference_mode_enabled()) + tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+    cached = owner.__dict__.get(slot)
+    # The tensors themselves are held with the result, so that a replaced one (a new tensor, its version
+    # counter starting again) cannot take the old one's address while the key names it.
+    if (cached is None or cached[0] != full or len(cached[2]) != len(tensors)
+            or any(a is not b for a, b in zip(cached[2], tensors))):
+        with torch.no_grad():
+            cached = (full, make(), tuple(tensors))
+        owner.__dict__[slot] = cached
+    return cached[1]
 
 
 class DropPath(nn.Module):

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
+from .layers import kept
+
 # Head widths are padded to a multiple of this: what flash / memory-efficient kernels require of
 # 16-bit inputs (8 elements = 16 bytes) and more than fp32 needs.
 HEAD_ALIGN = 8
@@ -136,27 +138,15 @@ class SDPARelPosAttention(Attention):
         columns, casts, pads), the same every step; a DB-SAM training step dispatches ~7000 ops, and
         the GPU machine's host was measured at ~10-30 us an op, the bf16 batch 1-2 steps host-bound
         (benchmarks/NOTES.md section 16). Kept only where nothing can notice: the tables need no
-        gradient (frozen ViT, or no grad mode), not while torch.compile traces (it folds them itself),
-        and keyed on the rel-pos parameters' storage and version counters (an optimiser step, a
-        load_state_dict or a .to() makes new ones), on the shape, dtype and device of q and on
-        inference mode."""
+        gradient (frozen ViT, or no grad mode), and layers.kept's rules (rebuilt when the rel-pos
+        parameters change: an optimiser step, a load_state_dict or a .to(); keyed on the shape, dtype
+        and device of q)."""
         h, w = self.rel_pos_h, self.rel_pos_w
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)):
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return None
-        try:
-            # Tables made under inference_mode are inference tensors, which autograd refuses to save.
-            key = (size, q.shape[-1], q.dtype, q.device, torch.is_inference_mode_enabled(), h.data_ptr(), h._version,
-                   w.data_ptr(), w._version)
-        except RuntimeError:  # inference tensors keep no version counter
-            return None
-        cached = getattr(self, "_rel_pos_tables", None)
-        # The parameters themselves are held with the tables, so that a replaced one (a new tensor, its
-        # version counter starting again) cannot take the old one's address while the key names it.
-        if cached is None or cached[0] != key or cached[2] is not h or cached[3] is not w:
-            with torch.no_grad():
-                cached = (key, rel_pos_tables(h, w, size, q.shape[-1], q.dtype, q.device), h, w)
-            self._rel_pos_tables = cached
-        return cached[1]
+        hd = q.shape[-1]
+        return kept(self, "_rel_pos_tables", (h, w), (size, hd, q.dtype, q.device),
+                    lambda: rel_pos_tables(h, w, size, hd, q.dtype, q.device))
 
 
 ATTENTION_CLASSES = {"sam": Attention, "sdpa": SDPARelPosAttention}

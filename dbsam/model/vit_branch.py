@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from dbsam.ops._backends import autocast_dtype
 
 from .config import DBSAMConfig
+from .layers import kept
 
 
 def build_image_encoder(cfg: DBSAMConfig) -> ImageEncoderViT:
@@ -86,34 +87,20 @@ class FrozenLinear(nn.Linear):
     those, and only within one autocast region), so each step cast the frozen ViT's 48 Linear
     weights and biases again: 96 ops and ~170 MB (ViT-B, bf16) written a step, and the bf16 weight
     kept for backward as activation memory. Here the copy is made once and autograd keeps the same
-    one. Kept only while nothing can notice: no gradient wanted for the weights, not while
-    torch.compile traces (it hoists the casts itself), and keyed on dtype, device, storage and
-    version counter of both tensors (an optimiser step, load_state_dict or .to() makes new ones) and on
-    inference mode.
+    one. Kept only while nothing can notice: no gradient wanted for the weights, and layers.kept's
+    rules (new copies after an optimiser step, load_state_dict or .to(); none while torch.compile
+    traces, which hoists the casts itself).
     Same parameters and names as nn.Linear; outside autocast it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         dtype = autocast_dtype(x.device.type)
-        if dtype is None or w.requires_grad or (b is not None and b.requires_grad) or torch.compiler.is_compiling():
+        autocast_casts = w.dtype != dtype and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if dtype is None or not autocast_casts or w.requires_grad or (b is not None and b.requires_grad):
             return F.linear(x, w, b)
-        if w.dtype == dtype or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # what autocast casts
-            return F.linear(x, w, b)
-        try:
-            # Copies made under inference_mode are inference tensors, which autograd refuses to save.
-            key = (dtype, w.device, torch.is_inference_mode_enabled(), w.data_ptr(), w._version) + (
-                (b.data_ptr(), b._version) if b is not None else ())
-        except RuntimeError:  # inference tensors keep no version counter
-            return F.linear(x, w, b)
-        cached = self.__dict__.get("_autocast_copies")
-        # The parameters are held with their copies, so that a replaced one cannot take the old one's
-        # address (and version) while the key names it.
-        if cached is None or cached[0] != key or cached[2] is not w or cached[3] is not b:
-            with torch.no_grad():
-                copies = (w.to(dtype), b.to(dtype) if b is not None else None)
-            cached = (key, copies, w, b)
-            self.__dict__["_autocast_copies"] = cached
-        return F.linear(x, *cached[1])
+        frozen = (w,) if b is None else (w, b)
+        copies = kept(self, "_autocast_copies", frozen, (dtype,), lambda: tuple(t.to(dtype) for t in frozen))
+        return F.linear(x, w, b) if copies is None else F.linear(x, *copies)
 
 
 def frozen_linears(module: nn.Module) -> nn.Module:
