@@ -42,8 +42,7 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return x * self._keep(x) / (1.0 - self.p)
 
     def add(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """x + self(branch) as one addcmul with a 0/1 per-sample mask, the 1/(1-p) a scalar (exact in
@@ -52,8 +51,11 @@ class DropPath(nn.Module):
         mask, exact in any dtype, takes the branch's)."""
         if self.p == 0.0 or not self.training:
             return x + branch
-        keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(1.0 - self.p)
-        return torch.addcmul(x, branch, keep, value=1.0 / (1.0 - self.p))
+        return torch.addcmul(x, branch, self._keep(branch), value=1.0 / (1.0 - self.p))
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask per sample, [B, 1, ...] in t's dtype."""
+        return t.new_empty((t.shape[0],) + (1,) * (t.dim() - 1)).bernoulli_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
